@@ -15,7 +15,10 @@ TORCH_SPEC ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -e '.[dev,transformers]'
+	! $(PY) -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torchvision") is None)' || \
+		(echo "torchvision must not be installed next to CPU torch" >&2; exit 1)
 	touch $@
 
 venv dev: $(VENV)/.installed

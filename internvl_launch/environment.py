@@ -130,7 +130,7 @@ def probe_gpus() -> tuple[list[GPU], str]:
     if importlib.util.find_spec("pynvml") is not None:
         try:
             return _gpus_from_nvml(), "nvml"
-        except Exception as exc:  # noqa: BLE001 - any NVML failure means "ask nvidia-smi"
+        except Exception as exc:
             nvml_error = f"nvml failed ({exc.__class__.__name__})"
         else:  # pragma: no cover
             nvml_error = ""
@@ -204,7 +204,13 @@ def _visible(gpus: list[GPU]) -> list[GPU]:
         return gpus  # UUID form: leave as reported
     by_index = {g.index: g for g in gpus}
     return [
-        GPU(new, by_index[old].name, by_index[old].memory_total_mib, by_index[old].memory_free_mib, by_index[old].compute_capability)
+        GPU(
+            new,
+            by_index[old].name,
+            by_index[old].memory_total_mib,
+            by_index[old].memory_free_mib,
+            by_index[old].compute_capability,
+        )
         for new, old in enumerate(order)
         if old in by_index
     ]

@@ -142,9 +142,7 @@ class Registry:
         close = difflib.get_close_matches(normalize_name(name), list(choices), n=3, cutoff=0.6)
         suggestions = list(dict.fromkeys(choices[c] for c in close))
         hint = (
-            f"Did you mean {', '.join(repr(s) for s in suggestions)}? "
-            if suggestions
-            else ""
+            f"Did you mean {', '.join(repr(s) for s in suggestions)}? " if suggestions else ""
         ) + "Run `internvl list` to see every model."
         raise UnknownModelError(
             f"Unknown model name {name!r}.",
@@ -192,15 +190,15 @@ def spec_files(directory: Path) -> list[Path]:
         return [directory]
     if not directory.is_dir():
         return []
-    return sorted((p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()), key=lambda p: p.stem)
+    return sorted(
+        (p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()), key=lambda p: p.stem
+    )
 
 
 # ---------------------------------------------------------------- loading
 
 
-def load_registry(
-    specs_dirs: Sequence[str | os.PathLike[str]] = (), *, use_cache: bool = True
-) -> Registry:
+def load_registry(specs_dirs: Sequence[str | os.PathLike[str]] = (), *, use_cache: bool = True) -> Registry:
     """Load the built-in families plus the user's overlays.
 
     A user family with a built-in name replaces the built-in one only when it
@@ -253,14 +251,10 @@ def _merge(loaded: list[tuple[Family, str, bool]]) -> Registry:
         if prev_builtin and not is_builtin and family.overrides_builtin:
             by_name[key] = (family, source, is_builtin)
             continue
-        why = (
-            f"family {family.name!r} is already defined by {prev_source}"
-            + (
-                "; to replace the built-in family add `overrides_builtin: true`, "
-                "or choose another name"
-                if prev_builtin
-                else "; family names must be unique across spec directories"
-            )
+        why = f"family {family.name!r} is already defined by {prev_source}" + (
+            "; to replace the built-in family add `overrides_builtin: true`, or choose another name"
+            if prev_builtin
+            else "; family names must be unique across spec directories"
         )
         issues.append(SpecIssue(source, None, "name", why))
     # Aliases must not collide with another family's name or alias.
@@ -290,7 +284,7 @@ def validate_file(path: Path) -> tuple[Family | None, list[SpecIssue]]:
         return None, [SpecIssue(str(path), None, "", f"cannot read file: {exc.__class__.__name__}")]
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        data = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+        data = yaml.load(text, Loader=loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -310,9 +304,7 @@ def validate_file(path: Path) -> tuple[Family | None, list[SpecIssue]]:
         issues = []
         for err in exc.errors():
             loc = tuple(err["loc"])
-            issues.append(
-                SpecIssue(str(path), _line_of(root, loc), _format_loc(loc), _message(err))
-            )
+            issues.append(SpecIssue(str(path), _line_of(root, loc), _format_loc(loc), _message(err)))
         return None, issues
     issues = [
         SpecIssue(str(path), _line_of(_compose(text), loc), _format_loc(loc), msg)
@@ -341,7 +333,10 @@ def semantic_issues(family: Family) -> list[tuple[tuple[str | int, ...], str]]:
             allowed = QUANTIZATIONS[spec.format]
             if q not in allowed:
                 out.append(
-                    ((*at, "quantizations"), f"{q!r} is not a {spec.format} quantization; use one of {', '.join(allowed)}")
+                    (
+                        (*at, "quantizations"),
+                        f"{q!r} is not a {spec.format} quantization; use one of {', '.join(allowed)}",
+                    )
                 )
             key = (spec.format, spec.size, q)
             if key in seen:

@@ -91,7 +91,12 @@ def parse_format(text: str) -> str:
 
 def parse_hub(text: str) -> HubName:
     key = text.strip().lower().replace("_", "").replace("-", "")
-    aliases: dict[str, HubName] = {"huggingface": "huggingface", "hf": "huggingface", "modelscope": "modelscope", "ms": "modelscope"}
+    aliases: dict[str, HubName] = {
+        "huggingface": "huggingface",
+        "hf": "huggingface",
+        "modelscope": "modelscope",
+        "ms": "modelscope",
+    }
     if key not in aliases:
         raise RequestError(f"hub {text!r} is not one of: {', '.join(HUBS)}")
     return aliases[key]

@@ -53,7 +53,9 @@ ENGINE_RULES: tuple[EngineRule, ...] = (
         "bitsandbytes",
         ("transformers",),
         "4-bit/8-bit quantize at load time with bitsandbytes in Transformers, vision tower and projector left unquantized",
-        refused={"vllm": "vLLM is only offered for quantization none on pytorch specs; 4-bit/8-bit use Transformers with bitsandbytes"},
+        refused={
+            "vllm": "vLLM is only offered for quantization none on pytorch specs; 4-bit/8-bit use Transformers with bitsandbytes"
+        },
     ),
     EngineRule(
         "pytorch",
@@ -216,9 +218,7 @@ def select_spec(family: Family, request: LaunchRequest) -> tuple[Spec, str, list
     if request.format is not None:
         candidates = [s for s in candidates if s.format == request.format]
         if not candidates:
-            raise fail(
-                f"format {request.format}" + (f" at {format_size(request.size)}B" if request.size else "")
-            )
+            raise fail(f"format {request.format}" + (f" at {format_size(request.size)}B" if request.size else ""))
     if request.quantization is not None:
         matched = [(s, match_quantization(request.quantization, s.quantizations)) for s in candidates]
         pairs = [(s, q) for s, q in matched if q is not None]
@@ -311,7 +311,9 @@ def resolve_plan(registry: Registry, request: LaunchRequest, env: Environment) -
     try:
         request = merge_reference(request)
     except RequestError as exc:
-        raise NoMatchingSpecError(str(exc), hint="Use name:SIZE[-FORMAT][-QUANTIZATION], e.g. internvl2:8b-awq.") from exc
+        raise NoMatchingSpecError(
+            str(exc), hint="Use name:SIZE[-FORMAT][-QUANTIZATION], e.g. internvl2:8b-awq."
+        ) from exc
     family = registry.family(request.model_name)
     spec, quantization, reasons = select_spec(family, request)
     rule = rule_for(spec.format, quantization)

@@ -39,10 +39,21 @@ def make_env(
     if not transformers:
         pk["transformers"] = None
     engines = {
-        "transformers": EngineInfo("transformers", transformers, "/usr/bin/python3", "5.23.0" if transformers else None,
-                                   reason=None if transformers else "torch and transformers not installed"),
-        "vllm": EngineInfo("vllm", vllm is not None, "/usr/bin/python3", "0.11.0" if vllm else None, vllm,
-                           reason=None if vllm else "vllm is not importable by /usr/bin/python3"),
+        "transformers": EngineInfo(
+            "transformers",
+            transformers,
+            "/usr/bin/python3",
+            "5.23.0" if transformers else None,
+            reason=None if transformers else "torch and transformers not installed",
+        ),
+        "vllm": EngineInfo(
+            "vllm",
+            vllm is not None,
+            "/usr/bin/python3",
+            "0.11.0" if vllm else None,
+            vllm,
+            reason=None if vllm else "vllm is not importable by /usr/bin/python3",
+        ),
     }
     return Environment(
         gpus=tuple(GPU(i, name, gib * 1024, gib * 1024, compute) for i, (name, gib) in enumerate(gpus)),

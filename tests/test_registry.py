@@ -89,7 +89,9 @@ def test_templates_follow_the_facts() -> None:
     assert "<|end|>" in by[("internvl2", 4, "pytorch")].stop
     for size in (2, 8, 26, 76):
         assert by[("internvl2", size, "pytorch")].template == "internlm2-chat"
-    assert {s.template for f in reg.families if f.name in ("internvl2.5", "internvl2.5-mpo", "internvl3") for s in f.specs} == {"internvl2_5"}
+    assert {
+        s.template for f in reg.families if f.name in ("internvl2.5", "internvl2.5-mpo", "internvl3") for s in f.specs
+    } == {"internvl2_5"}
     assert by[("internvl-chat", 4, "pytorch")].template == "phi3-chat"
 
 
@@ -117,7 +119,9 @@ def test_unknown_key_is_reported_with_file_line_and_location(tmp_path: Path) -> 
     bad = VALID.replace("    template: internlm2-chat\n", "    template: internlm2-chat\n    max_tile: 6\n")
     path = write(tmp_path, "bad.yaml", bad)
     _, issues = validate_file(path)
-    assert [i.render() for i in issues] == [f"{path}:14: specs[0].max_tile: unknown key (check its spelling; see docs/registry.md for the keys)"]
+    assert [i.render() for i in issues] == [
+        f"{path}:14: specs[0].max_tile: unknown key (check its spelling; see docs/registry.md for the keys)"
+    ]
 
 
 def test_wrong_types_and_values_are_each_located(tmp_path: Path) -> None:

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; core errors become a message and a documented exit code."""
     args = sys.argv[1:] if argv is None else argv
     try:
-        cli.main(args=args, prog_name="internvl", standalone_mode=False)
+        # Without standalone mode click returns the code of an `Exit` raised inside a command.
+        returned = cli.main(args=args, prog_name="internvl", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return report(exc, as_json="--json" in args)
     except BrokenPipeError:
         return EXIT_INTERNAL
-    return 0
+    return returned if isinstance(returned, int) else 0
 
 
 def entry_point() -> None:

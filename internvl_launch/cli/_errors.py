@@ -40,7 +40,11 @@ EXIT_CODES: tuple[tuple[type[BaseException] | None, int, str], ...] = (
     (None, EXIT_USAGE, "usage error: unknown flag, bad flag value, conflicting flags"),
     (UnknownModelError, EXIT_UNKNOWN_MODEL, "unknown model name"),
     (NoMatchingSpecError, EXIT_NO_MATCHING_SPEC, "the model has no spec with that size, format or quantization"),
-    (EngineUnavailableError, EXIT_ENGINE_UNAVAILABLE, "the engine asked for (or every possible engine) cannot run here"),
+    (
+        EngineUnavailableError,
+        EXIT_ENGINE_UNAVAILABLE,
+        "the engine asked for (or every possible engine) cannot run here",
+    ),
     (NotEnoughMemoryError, EXIT_NOT_ENOUGH_MEMORY, "the memory estimate does not fit the GPUs or host memory found"),
     (InvalidSpecError, EXIT_INVALID_SPEC, "a spec file is invalid; nothing was launched"),
     (EnvironmentFileError, EXIT_BAD_ENVIRONMENT_FILE, "an --environment file could not be read"),

@@ -49,9 +49,7 @@ def model_options(f: F) -> F:
         click.option(
             "--size-in-billions", "-s", "size", callback=_converter(parse_size), help="Model size: 8, 8b, 8B, 0.5."
         ),
-        click.option(
-            "--model-format", "-f", "fmt", callback=_converter(parse_format), help="pytorch or awq."
-        ),
+        click.option("--model-format", "-f", "fmt", callback=_converter(parse_format), help="pytorch or awq."),
         click.option("--quantization", "-q", help="none, 8-bit, 4-bit, Int4, Int8 (case and '-' ignored)."),
         click.option(
             "--model-engine",
@@ -61,9 +59,7 @@ def model_options(f: F) -> F:
             callback=_converter(parse_engine),
             help="vllm or transformers; chosen for the machine when omitted.",
         ),
-        click.option(
-            "--hub", callback=_converter(parse_hub), help="huggingface or modelscope (also INTERNVL_HUB)."
-        ),
+        click.option("--hub", callback=_converter(parse_hub), help="huggingface or modelscope (also INTERNVL_HUB)."),
         click.option("--revision", help="Hub revision (branch, tag or commit) to pin."),
         click.option(
             "--device",
@@ -74,9 +70,7 @@ def model_options(f: F) -> F:
         ),
         click.option("--gpus", type=click.IntRange(min=1), help="Number of GPUs to use (default: as few as fit)."),
         click.option("--max-model-len", type=click.IntRange(min=1), help="Context length to plan the KV cache for."),
-        click.option(
-            "--no-memory-check", is_flag=True, help="Plan even when the memory estimate does not fit."
-        ),
+        click.option("--no-memory-check", is_flag=True, help="Plan even when the memory estimate does not fit."),
         click.option(
             "--vllm-python",
             envvar="INTERNVL_VLLM_PYTHON",

@@ -31,7 +31,13 @@ def env_command(as_json: bool, vllm_python: str | None) -> None:
         emit_table(
             ("INDEX", "NAME", "TOTAL GiB", "FREE GiB", "COMPUTE"),
             [
-                (g.index, g.name, f"{g.memory_total_mib / 1024:.1f}", f"{g.memory_free_mib / 1024:.1f}", g.compute_capability or "-")
+                (
+                    g.index,
+                    g.name,
+                    f"{g.memory_total_mib / 1024:.1f}",
+                    f"{g.memory_free_mib / 1024:.1f}",
+                    g.compute_capability or "-",
+                )
                 for g in env.gpus
             ],
         )
@@ -40,7 +46,11 @@ def env_command(as_json: bool, vllm_python: str | None) -> None:
     click.echo(f"host: {env.cpu_count} CPUs, {env.host_memory_available_mib / 1024:.1f} GiB memory available")
     click.echo("engines:")
     for info in env.engines.values():
-        state = f"{info.version or '?'}" + (f" ({info.variant})" if info.variant else "") if info.available else f"unavailable: {info.reason}"
+        state = (
+            f"{info.version or '?'}" + (f" ({info.variant})" if info.variant else "")
+            if info.available
+            else f"unavailable: {info.reason}"
+        )
         click.echo(f"  {info.name:<13} {state}  [{info.python}]")
     click.echo("packages:")
     for name, version in env.packages.items():

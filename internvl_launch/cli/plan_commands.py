@@ -48,7 +48,10 @@ def render_plan(plan: LaunchPlan, env: Environment, explain: bool) -> None:
     echo(f"model      {plan.model_ref}  ({s.llm.name} + {s.vision.name}, template {s.template})")
     echo(f"engine     {plan.engine}  ({plan.engine_python})")
     rev = f" @ {plan.revision}" if plan.revision else ""
-    echo(f"weights    {plan.hub}: {plan.repo_id}{rev}" + ("  -> converted to the Transformers-native layout" if plan.needs_conversion else ""))
+    echo(
+        f"weights    {plan.hub}: {plan.repo_id}{rev}"
+        + ("  -> converted to the Transformers-native layout" if plan.needs_conversion else "")
+    )
     for hub, repo in plan.fallback:
         echo(f"           fallback {hub}: {repo}")
     place = "cpu" if plan.device == "cpu" else f"cuda, GPU {', '.join(map(str, plan.gpu_indices))}"
@@ -75,7 +78,9 @@ def render_plan(plan: LaunchPlan, env: Environment, explain: bool) -> None:
             echo(f"  - {reason}")
         for engine, reason in plan.rejected_engines.items():
             echo(f"  - not {engine}: {reason}")
-        echo(f"  - machine: {len(env.gpus)} GPU(s) ({env.gpu_probe}), {env.host_memory_available_mib / 1024:.1f} GiB host memory available")
+        echo(
+            f"  - machine: {len(env.gpus)} GPU(s) ({env.gpu_probe}), {env.host_memory_available_mib / 1024:.1f} GiB host memory available"
+        )
 
 
 def _plan_json(plan: LaunchPlan, env: Environment, explain: bool) -> dict[str, Any]:
@@ -111,7 +116,11 @@ def resolve_command(as_json: bool, explain: bool, **flags: Any) -> None:
 @json_option
 @click.option("--dry-run", is_flag=True, help="Print the plan (as `resolve --explain`) and stop.")
 def launch_command(as_json: bool, dry_run: bool, **flags: Any) -> None:
-    """Launch a model behind an OpenAI-compatible server."""
+    """Launch a model behind an OpenAI-compatible server.
+
+    In this version only --dry-run is available: it prints the plan that a
+    launch would follow (as `resolve --explain`) and stops.
+    """
     plan, env = plan_from_flags(flags)
     if dry_run:
         if as_json:

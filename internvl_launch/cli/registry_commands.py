@@ -149,7 +149,9 @@ def validate_command(paths: tuple[str, ...], as_json: bool) -> None:
     for f in files:
         family, file_issues = validate_file(f)
         issues += file_issues
-        results.append({"file": str(f), "family": family.name if family else None, "specs": len(family.specs) if family else 0})
+        results.append(
+            {"file": str(f), "family": family.name if family else None, "specs": len(family.specs) if family else 0}
+        )
     if not issues:
         try:  # clashes with the built-ins and between the files
             load_registry(paths, use_cache=False)
