@@ -1,0 +1,1 @@
+"""Image and video inputs exactly as InternVL was trained on them."""

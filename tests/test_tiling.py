@@ -1,0 +1,155 @@
+"""Exactness of the tiling against an independent reference of the model card's
+`load_image` (tests/reference_preprocessing.py), over generated images of many
+sizes, modes and formats, plus properties of the grid choice."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reference_preprocessing import closest_grid, reference_load_image, split_tiles
+
+from internvl_launch.vision.tiling import CACHE, num_tiles, preprocess_image, tile_grid
+
+SIZES = [
+    (1, 1),
+    (1, 50),
+    (50, 1),
+    (448, 448),
+    (449, 447),
+    (800, 600),
+    (600, 800),
+    (1000, 20),
+    (20, 1000),
+    (896, 448),
+    (1344, 448),
+    (333, 777),
+    (1280, 720),
+    (2000, 1500),
+]
+
+
+def noise(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed + width * 7919 + height)
+    base = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    # smooth structure plus noise, so that lossy codecs keep some detail
+    yy, xx = np.mgrid[0:height, 0:width]
+    base[..., 0] = ((xx * 255) // max(width - 1, 1)).astype(np.uint8) ^ base[..., 0] // 8
+    return Image.fromarray(base)
+
+
+def encode(img: Image.Image, fmt: str, mode: str) -> bytes:
+    if mode == "I;16":
+        converted = Image.fromarray(np.asarray(img.convert("L")).astype("<u2") * 257)
+        assert converted.mode == "I;16"
+    else:
+        converted = img.convert(mode)
+    buf = io.BytesIO()
+    converted.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("width", "height"), SIZES)
+def test_bit_identical_to_the_reference_for_rgb(width: int, height: int) -> None:
+    img = noise(width, height)
+    ours = preprocess_image(img, cache=False)
+    ref = reference_load_image(img)
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    assert torch.equal(ours, ref)
+    assert ours.shape[0] == num_tiles(width, height)
+
+
+FORMAT_MODES = [
+    ("JPEG", "RGB"),
+    ("JPEG", "L"),
+    ("JPEG", "CMYK"),
+    ("PNG", "RGB"),
+    ("PNG", "RGBA"),
+    ("PNG", "LA"),
+    ("PNG", "L"),
+    ("PNG", "P"),
+    ("PNG", "I;16"),
+    ("WEBP", "RGB"),
+    ("WEBP", "RGBA"),
+    ("GIF", "P"),
+    ("GIF", "L"),
+]
+
+
+@pytest.mark.parametrize(("fmt", "mode"), FORMAT_MODES, ids=[f"{f}-{m}" for f, m in FORMAT_MODES])
+@pytest.mark.parametrize(("width", "height"), [(640, 480), (37, 301), (900, 900)])
+def test_bit_identical_for_encoded_files(tmp_path: Path, fmt: str, mode: str, width: int, height: int) -> None:
+    data = encode(noise(width, height, seed=3), fmt, mode)
+    path = tmp_path / f"img.{fmt.lower()}"
+    path.write_bytes(data)
+    ref = reference_load_image(path)
+    assert torch.equal(preprocess_image(data, cache=False), ref)
+    assert torch.equal(preprocess_image(path, cache=False), ref)
+
+
+@pytest.mark.parametrize("max_tiles", [1, 2, 6, 12, 24])
+def test_tile_limit_is_honoured(max_tiles: int) -> None:
+    img = noise(1500, 500)
+    ours = preprocess_image(img, max_tiles=max_tiles, cache=False)
+    assert torch.equal(ours, reference_load_image(img, max_num=max_tiles))
+    assert ours.shape[0] <= max_tiles + 1
+
+
+def test_other_dtypes_are_the_float32_values_cast_once() -> None:
+    img = noise(700, 500)
+    ref = reference_load_image(img)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(preprocess_image(img, dtype=dtype, cache=False), ref.to(dtype))
+
+
+def test_cache_returns_the_same_tensor_for_the_same_bytes() -> None:
+    CACHE.clear()
+    data = encode(noise(800, 600), "PNG", "RGB")
+    first = preprocess_image(data)
+    assert preprocess_image(bytes(data)) is first
+    assert preprocess_image(data, max_tiles=6) is not first  # settings are part of the key
+    assert preprocess_image(data, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_truncated_image_is_refused() -> None:
+    data = encode(noise(300, 300), "PNG", "RGB")
+    with pytest.raises(OSError):
+        preprocess_image(data[: len(data) // 2], cache=False)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(1, 20000), st.integers(1, 20000), st.integers(1, 4), st.integers(1, 40))
+def test_grid_choice_matches_the_reference_rule(width: int, height: int, min_tiles: int, extra: int) -> None:
+    max_tiles = min_tiles + extra - 1
+    grids = sorted(
+        set(
+            (i, j)
+            for n in range(min_tiles, max_tiles + 1)
+            for i in range(1, n + 1)
+            for j in range(1, n + 1)
+            if min_tiles <= i * j <= max_tiles
+        ),
+        key=lambda g: g[0] * g[1],
+    )
+    cols, rows = tile_grid(width, height, min_tiles=min_tiles, max_tiles=max_tiles)
+    assert (cols, rows) == closest_grid(width / height, grids, width, height, 448)
+    assert min_tiles <= cols * rows <= max_tiles
+
+
+def test_tie_rule_prefers_the_larger_grid_only_for_large_images() -> None:
+    # A square image ties (1,1), (2,2), (3,3): the larger grid wins only when the
+    # image has more than half its pixels.
+    assert tile_grid(448, 448) == (1, 1)
+    assert tile_grid(634, 634) == (2, 2)  # 634^2 > 0.5 * 448^2 * 4
+    assert tile_grid(633, 633) == (1, 1)
+    assert tile_grid(1000, 1000) == (3, 3)
+    assert len(split_tiles(noise(1000, 1000))) == num_tiles(1000, 1000) == 10
