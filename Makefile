@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 # transformers imports next to CPU torch).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv dev test demo bench-cli docs lint clean
+.PHONY: venv dev test demo bench-cli bench-preprocess docs lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,6 @@ lint: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) dist build .pytest_cache
+
+bench-preprocess: $(VENV)/.installed
+	$(PY) benchmarks/bench_preprocess.py

@@ -42,7 +42,7 @@ def noise(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed + width * 7919 + height)
     base = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     # smooth structure plus noise, so that lossy codecs keep some detail
-    yy, xx = np.mgrid[0:height, 0:width]
+    _, xx = np.mgrid[0:height, 0:width]
     base[..., 0] = ((xx * 255) // max(width - 1, 1)).astype(np.uint8) ^ base[..., 0] // 8
     return Image.fromarray(base)
 

@@ -3,13 +3,12 @@
 The work per image is: decode, convert to RGB, one bicubic resize to the tile
 grid, one bicubic resize to the thumbnail, then scale to [0, 1] and normalise
 with the ImageNet mean and std. Here each step is done once: the tiles are
-views into the one resized image, and the normalisation is a per-channel
-lookup table of the 256 values a byte can take, computed with the very float32
-operations the reference applies to each pixel (x / 255, minus mean, over
-std) - so the output is the same bits, in one gather, written directly in the
-model's dtype. The two resizes run on two threads (Pillow releases the GIL
-while resampling). A content-addressed cache makes a repeated image cost a
-hash.
+views into the one resized image, copied into one float32 buffer, and the
+reference's per-pixel arithmetic (x / 255, minus mean, over std - the same
+float32 operations, so the same bits) runs once, in place, over all tiles
+instead of tile by tile. The two resizes run on two threads (Pillow releases
+the GIL while resampling). A content-addressed cache makes a repeated image
+cost a hash.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -34,7 +33,7 @@ if TYPE_CHECKING:
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+ImageInput = str | os.PathLike | bytes | Image.Image
 
 
 def tile_grid(
@@ -86,18 +85,12 @@ def num_tiles(width: int, height: int, *, min_tiles: int = 1, max_tiles: int = 1
     return n + 1 if thumbnail and n != 1 else n
 
 
-@lru_cache(maxsize=16)
-def _lut(dtype_name: str) -> np.ndarray:
-    """(3, 256) table: the normalised value of each byte, per channel, computed
-    with float32 x / 255, then (x - mean) / std, as the reference does."""
+@lru_cache(maxsize=2)
+def _stats(which: str) -> torch.Tensor:
     import torch
 
-    x = torch.arange(256, dtype=torch.uint8).to(torch.float32).div(255)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None]
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None]
-    table = (x[None, :] - mean) / std
-    dtype = getattr(torch, dtype_name)
-    return table.to(dtype).contiguous()  # type: ignore[return-value]
+    values = IMAGENET_MEAN if which == "mean" else IMAGENET_STD
+    return torch.tensor(values, dtype=torch.float32)[:, None, None]
 
 
 def open_image(image: ImageInput) -> Image.Image:
@@ -152,7 +145,7 @@ _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="internvl-resize")
 
 
 def _content_key(image: ImageInput, settings: tuple[object, ...]) -> bytes | None:
-    h = hashlib.blake2b(repr(settings).encode(), digest_size=20)
+    h = hashlib.sha256(repr(settings).encode())  # hardware-accelerated where the CPU has SHA extensions
     if isinstance(image, (bytes, bytearray, memoryview)):
         h.update(image)
     elif isinstance(image, Image.Image):
@@ -206,43 +199,21 @@ def preprocess_image(
     thumb_img = img.resize((image_size, image_size), Image.Resampling.BICUBIC) if with_thumb else None
     grid_img = grid_job.result()
 
-    out = torch.empty((blocks + int(with_thumb), 3, image_size, image_size), dtype=dtype)
-    lut = _lut(dtype_name)
-    grid = np.asarray(grid_img)  # (rows*S, cols*S, 3) uint8
+    count = blocks + int(with_thumb)
+    out32 = torch.empty((count, 3, image_size, image_size), dtype=torch.float32)
+    grid = torch.from_numpy(np.array(grid_img))  # (rows*S, cols*S, 3) uint8, one copy
     # (rows, S, cols, S, 3) -> (rows, cols, 3, S, S): each tile a view, row-major like the reference.
-    tiles = grid.reshape(rows, image_size, cols, image_size, 3).transpose(0, 2, 4, 1, 3)
-    _normalise_into(out[:blocks].view(rows, cols, 3, image_size, image_size), tiles, lut)
+    tiles = grid.view(rows, image_size, cols, image_size, 3).permute(0, 2, 4, 1, 3)
+    out32[:blocks].view(rows, cols, 3, image_size, image_size).copy_(tiles)
     if thumb_img is not None:
-        _normalise_into(out[blocks], np.asarray(thumb_img).transpose(2, 0, 1), lut)
+        out32[blocks].copy_(torch.from_numpy(np.array(thumb_img)).permute(2, 0, 1))
+    # The reference's arithmetic on every pixel - ToTensor's x / 255, then Normalize's
+    # (x - mean) / std - done once over all tiles, in place: the same float32 ops, the same bits.
+    out32.div_(255).sub_(_stats("mean")).div_(_stats("std"))
+    out = out32 if dtype == torch.float32 else out32.to(dtype)
     if key is not None:
         CACHE.put(key, out)
     return out
-
-
-def _normalise_into(dst: torch.Tensor, src: np.ndarray, lut: torch.Tensor) -> None:
-    """dst[..., c, :, :] = lut[c][src[..., c, :, :]] per channel: one table gather,
-    uint8 indices used as they are (no widening copy)."""
-    if lut.dtype == torch_bfloat16():
-        # numpy has no bfloat16: gather the 16-bit patterns, then view them as bf16.
-        table = lut.view(torch_int16()).numpy()
-        target = dst.view(torch_int16()).numpy()
-    else:
-        table = lut.numpy()
-        target = dst.numpy()
-    for c in range(3):
-        np.take(table[c], src[..., c, :, :], out=target[..., c, :, :])
-
-
-def torch_bfloat16() -> torch.dtype:
-    import torch
-
-    return torch.bfloat16
-
-
-def torch_int16() -> torch.dtype:
-    import torch
-
-    return torch.int16
 
 
 def preprocess_images(images: Sequence[ImageInput], **kwargs: object) -> list[torch.Tensor]:

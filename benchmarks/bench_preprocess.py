@@ -1,0 +1,102 @@
+"""Preprocessing benchmark: our tiling against the step-by-step reference of the
+model card's `load_image` (tests/reference_preprocessing.py), in the same run.
+
+    make bench-preprocess      # or: python benchmarks/bench_preprocess.py --runs 7
+
+For each image (encoded bytes, decode included in both): median seconds of the
+reference, of ours without the cache, and of ours on a cache hit; then a batch
+of images through one worker and through two. Every output is checked equal to
+the reference before it is timed.
+
+Targets (issue: exact InternVL inputs): >= 1.4x single image with identical
+output; >= 20x on a cache hit; two workers >= 1.7x one on a batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from reference_preprocessing import reference_load_image
+
+from internvl_launch.vision.tiling import CACHE, preprocess_image
+
+SIZES = [(448, 448), (800, 600), (1920, 1080), (4000, 3000), (1000, 20), (20, 1000)]
+
+
+def make_image(width: int, height: int, fmt: str) -> bytes:
+    rng = np.random.default_rng(width * 31 + height)
+    yy, xx = np.mgrid[0:height, 0:width]
+    arr = np.stack([(xx * 255 // max(width - 1, 1)), (yy * 255 // max(height - 1, 1)), (xx + yy) % 256], -1).astype(
+        np.uint8
+    )
+    arr = (arr.astype(np.int16) + rng.integers(-20, 20, arr.shape)).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt, quality=90) if fmt == "JPEG" else Image.fromarray(arr).save(
+        buf, format=fmt
+    )
+    return buf.getvalue()
+
+
+def median(f, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, {args.runs} runs per cell, median seconds; decode included")
+    print(f"{'image':<16}{'tiles':>6}{'reference':>11}{'ours':>9}{'speed-up':>10}{'cache hit':>11}{'vs ref':>9}")
+    ratios, hit_ratios = [], []
+    for fmt in ("JPEG", "PNG"):
+        for width, height in SIZES:
+            data = make_image(width, height, fmt)
+            ref = reference_load_image(io.BytesIO(data))
+            ours = preprocess_image(data, cache=False)
+            assert torch.equal(ours, ref), f"output differs for {width}x{height} {fmt}"
+            t_ref = median(lambda d=data: reference_load_image(io.BytesIO(d)), args.runs)
+            t_ours = median(lambda d=data: preprocess_image(d, cache=False), args.runs)
+            CACHE.clear()
+            preprocess_image(data)
+            t_hit = median(lambda d=data: preprocess_image(d), args.runs)
+            ratios.append(t_ref / t_ours)
+            hit_ratios.append(t_ref / t_hit)
+            print(
+                f"{fmt + f' {width}x{height}':<16}{ref.shape[0]:>6}{t_ref:>11.4f}{t_ours:>9.4f}{t_ref / t_ours:>9.2f}x{t_hit:>11.5f}{t_ref / t_hit:>8.0f}x"
+            )
+    print(
+        f"single image speed-up: median {statistics.median(ratios):.2f}x, min {min(ratios):.2f}x, max {max(ratios):.2f}x (target >= 1.4x)"
+    )
+    print(f"cache hit speed-up: min {min(hit_ratios):.0f}x (target >= 20x)")
+
+    batch = [make_image(w, h, "JPEG") for w, h in [(1920, 1080), (800, 600), (1280, 960), (1024, 768)] * 2]
+
+    def run_batch(workers: int) -> None:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(lambda d: preprocess_image(d, cache=False), batch))
+
+    t1 = median(lambda: run_batch(1), args.runs)
+    t2 = median(lambda: run_batch(2), args.runs)
+    print(f"batch of {len(batch)} JPEGs: 1 worker {t1:.3f} s, 2 workers {t2:.3f} s: {t1 / t2:.2f}x (target >= 1.7x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
