@@ -153,3 +153,11 @@ def test_tie_rule_prefers_the_larger_grid_only_for_large_images() -> None:
     assert tile_grid(633, 633) == (1, 1)
     assert tile_grid(1000, 1000) == (3, 3)
     assert len(split_tiles(noise(1000, 1000))) == num_tiles(1000, 1000) == 10
+
+
+def test_public_api_is_lazy() -> None:
+    import subprocess
+
+    code = "import sys, internvl_launch; assert not {'torch', 'PIL', 'numpy'} & set(sys.modules); f = internvl_launch.preprocess_image; assert 'PIL' in sys.modules; print(f.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "preprocess_image"
