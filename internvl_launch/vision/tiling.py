@@ -18,7 +18,6 @@ import io
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -144,20 +143,13 @@ CACHE = _TileCache(int(os.environ.get("INTERNVL_TILE_CACHE_MB", "512")) * 2**20)
 _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="internvl-resize")
 
 
-def _content_key(image: ImageInput, settings: tuple[object, ...]) -> bytes | None:
+def _content_key(image: bytes | Image.Image, settings: tuple[object, ...]) -> bytes:
     h = hashlib.sha256(repr(settings).encode())  # hardware-accelerated where the CPU has SHA extensions
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        h.update(image)
-    elif isinstance(image, Image.Image):
+    if isinstance(image, Image.Image):
         h.update(f"{image.mode}:{image.size}".encode())
         h.update(image.tobytes())
     else:
-        try:
-            with open(image, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-        except OSError:
-            return None
+        h.update(image)
     return h.digest()
 
 
@@ -184,6 +176,10 @@ def preprocess_image(
     dtype = dtype or torch.float32
     dtype_name = str(dtype).removeprefix("torch.")
     settings = (max_tiles, min_tiles, image_size, thumbnail, dtype_name)
+    if isinstance(image, (str, os.PathLike)):
+        image = Path(image).read_bytes()  # read once: hashed and decoded from the same bytes
+    elif isinstance(image, (bytearray, memoryview)):
+        image = bytes(image)
     key = _content_key(image, settings) if cache else None
     if key is not None:
         hit = CACHE.get(key)
@@ -214,11 +210,3 @@ def preprocess_image(
     if key is not None:
         CACHE.put(key, out)
     return out
-
-
-def preprocess_images(images: Sequence[ImageInput], **kwargs: object) -> list[torch.Tensor]:
-    """`preprocess_image` over several images, two at a time."""
-    return list(_BATCH_POOL.map(lambda im: preprocess_image(im, **kwargs), images))  # type: ignore[arg-type]
-
-
-_BATCH_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="internvl-preprocess")
