@@ -81,3 +81,13 @@ class InvalidSpecError(InternVLError):
 
 class EnvironmentFileError(InternVLError):
     """An `--environment` file could not be read as a machine description."""
+
+
+class MediaError(InternVLError):
+    """An image, video or message file given as input cannot be used: unreadable,
+    corrupt, of a refused format, or over a size limit. The input's fault."""
+
+
+class ConversationError(InternVLError):
+    """A conversation (OpenAI messages) is malformed: unknown role, content of the
+    wrong shape, placeholders that do not match the media given."""

@@ -304,10 +304,10 @@ def estimate_memory(
 # ---------------------------------------------------------------- resolve
 
 
-def resolve_plan(registry: Registry, request: LaunchRequest, env: Environment) -> LaunchPlan:
-    """Turn a request into a plan for this environment, or raise a typed error
-    (unknown model, no matching spec, engine unavailable, not enough memory)
-    whose hint says what to do instead."""
+def select_model(registry: Registry, request: LaunchRequest) -> tuple[Family, Spec, str, list[str]]:
+    """The family, spec and quantization a request names, without looking at
+    the machine (what the prompt and the registry commands need); the reasons
+    list every default filled in."""
     try:
         request = merge_reference(request)
     except RequestError as exc:
@@ -316,6 +316,15 @@ def resolve_plan(registry: Registry, request: LaunchRequest, env: Environment) -
         ) from exc
     family = registry.family(request.model_name)
     spec, quantization, reasons = select_spec(family, request)
+    return family, spec, quantization, reasons
+
+
+def resolve_plan(registry: Registry, request: LaunchRequest, env: Environment) -> LaunchPlan:
+    """Turn a request into a plan for this environment, or raise a typed error
+    (unknown model, no matching spec, engine unavailable, not enough memory)
+    whose hint says what to do instead."""
+    family, spec, quantization, reasons = select_model(registry, request)
+    request = merge_reference(request)
     rule = rule_for(spec.format, quantization)
     reasons.append(f"engine rule ({spec.format}, {rule.quant_kind}): {rule.why}")
 

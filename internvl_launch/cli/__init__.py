@@ -9,7 +9,7 @@ import sys
 import click
 
 from internvl_launch import __version__
-from internvl_launch.cli import env_command, plan_commands, registry_commands
+from internvl_launch.cli import chat_command, env_command, plan_commands, registry_commands
 from internvl_launch.cli._errors import EXIT_INTERNAL, report
 from internvl_launch.errors import InternVLError
 
@@ -24,6 +24,7 @@ def cli() -> None:
     internvl show internvl2               one family
     internvl resolve -n internvl2 -s 8 -q 4-bit --explain
     internvl launch -n internvl2 -s 8 -q 4-bit --dry-run
+    internvl chat -n internvl2 -s 2 --image cat.jpg "Describe it" --print-prompt
     """
 
 
@@ -33,6 +34,7 @@ for command in (
     registry_commands.validate_command,
     plan_commands.resolve_command,
     plan_commands.launch_command,
+    chat_command.chat_command,
     env_command.env_command,
 ):
     cli.add_command(command)

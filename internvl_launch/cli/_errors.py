@@ -14,10 +14,12 @@ import traceback
 import click
 
 from internvl_launch.errors import (
+    ConversationError,
     EngineUnavailableError,
     EnvironmentFileError,
     InternVLError,
     InvalidSpecError,
+    MediaError,
     NoMatchingSpecError,
     NotEnoughMemoryError,
     UnknownModelError,
@@ -32,6 +34,7 @@ EXIT_ENGINE_UNAVAILABLE = 5
 EXIT_NOT_ENOUGH_MEMORY = 6
 EXIT_INVALID_SPEC = 7
 EXIT_BAD_ENVIRONMENT_FILE = 8
+EXIT_BAD_INPUT = 9
 
 #: (error class, exit code, what the code means) - the documented table.
 EXIT_CODES: tuple[tuple[type[BaseException] | None, int, str], ...] = (
@@ -48,6 +51,8 @@ EXIT_CODES: tuple[tuple[type[BaseException] | None, int, str], ...] = (
     (NotEnoughMemoryError, EXIT_NOT_ENOUGH_MEMORY, "the memory estimate does not fit the GPUs or host memory found"),
     (InvalidSpecError, EXIT_INVALID_SPEC, "a spec file is invalid; nothing was launched"),
     (EnvironmentFileError, EXIT_BAD_ENVIRONMENT_FILE, "an --environment file could not be read"),
+    (MediaError, EXIT_BAD_INPUT, "an input image, video or messages file is unreadable, corrupt or over a limit"),
+    (ConversationError, EXIT_BAD_INPUT, "the conversation (messages) is malformed"),
 )
 
 _ORDERED = sorted(

@@ -15,10 +15,9 @@ from internvl_launch.request import LaunchRequest
 from internvl_launch.resolver import ENGINE_RULES, LaunchPlan, resolve_plan
 
 
-def plan_from_flags(flags: dict[str, Any]) -> tuple[LaunchPlan, Environment]:
-    """Build the request from parsed flags, load the registry, look at the
-    machine (or the --environment file) and resolve."""
-    request = LaunchRequest(
+def request_from_flags(flags: dict[str, Any]) -> LaunchRequest:
+    """The request the shared model flags describe."""
+    return LaunchRequest(
         model_name=flags["model_name"],
         size=flags["size"],
         format=flags["fmt"],
@@ -31,6 +30,12 @@ def plan_from_flags(flags: dict[str, Any]) -> tuple[LaunchPlan, Environment]:
         max_model_len=flags["max_model_len"],
         memory_check=not flags["no_memory_check"],
     )
+
+
+def plan_from_flags(flags: dict[str, Any]) -> tuple[LaunchPlan, Environment]:
+    """Build the request from parsed flags, load the registry, look at the
+    machine (or the --environment file) and resolve."""
+    request = request_from_flags(flags)
     registry = load_registry(flags["specs_dirs"])
     env = (
         load_environment(flags["environment_file"])

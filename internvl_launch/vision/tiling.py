@@ -21,7 +21,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -92,6 +92,15 @@ def _stats(which: str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)[:, None, None]
 
 
+def normalise_(pixels: torch.Tensor) -> torch.Tensor:
+    """Scale float32 pixel values in 0..255 to the model's input, in place.
+
+    The reference's arithmetic on every pixel - ToTensor's x / 255, then
+    Normalize's (x - mean) / std - done once over all tiles: the same float32
+    operations, so the same bits."""
+    return pixels.div_(255).sub_(_stats("mean")).div_(_stats("std"))
+
+
 def open_image(image: ImageInput) -> Image.Image:
     """Decode fully (truncated files raise) and convert to RGB as the reference does."""
     if isinstance(image, Image.Image):
@@ -105,23 +114,30 @@ def open_image(image: ImageInput) -> Image.Image:
 
 
 class _TileCache:
-    """LRU of preprocessed tensors keyed by content hash and settings, bounded in bytes."""
+    """LRU of preprocessed results keyed by content hash and settings, bounded in bytes.
+
+    Values are tensors, or objects holding one as `pixel_values` (video frames)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._items: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._items: OrderedDict[bytes, Any] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: bytes) -> torch.Tensor | None:
+    @staticmethod
+    def _size(value: Any) -> int:
+        tensor = getattr(value, "pixel_values", value)
+        return int(tensor.numel() * tensor.element_size())
+
+    def get(self, key: bytes) -> Any:
         with self._lock:
             value = self._items.get(key)
             if value is not None:
                 self._items.move_to_end(key)
             return value
 
-    def put(self, key: bytes, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
+    def put(self, key: bytes, value: Any) -> None:
+        size = self._size(value)
         if size > self.max_bytes:
             return
         with self._lock:
@@ -131,7 +147,7 @@ class _TileCache:
             self._bytes += size
             while self._bytes > self.max_bytes:
                 _, old = self._items.popitem(last=False)
-                self._bytes -= old.numel() * old.element_size()
+                self._bytes -= self._size(old)
 
     def clear(self) -> None:
         with self._lock:
@@ -203,9 +219,7 @@ def preprocess_image(
     out32[:blocks].view(rows, cols, 3, image_size, image_size).copy_(tiles)
     if thumb_img is not None:
         out32[blocks].copy_(torch.from_numpy(np.array(thumb_img)).permute(2, 0, 1))
-    # The reference's arithmetic on every pixel - ToTensor's x / 255, then Normalize's
-    # (x - mean) / std - done once over all tiles, in place: the same float32 ops, the same bits.
-    out32.div_(255).sub_(_stats("mean")).div_(_stats("std"))
+    normalise_(out32)
     out = out32 if dtype == torch.float32 else out32.to(dtype)
     if key is not None:
         CACHE.put(key, out)

@@ -1,0 +1,162 @@
+"""`internvl chat`: one question (or an OpenAI messages file) to a model from
+the shell. `--print-prompt` shows the exact prompt and loads nothing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from internvl_launch.cli._options import json_option, model_options
+from internvl_launch.cli._output import emit_json
+from internvl_launch.cli.plan_commands import request_from_flags
+from internvl_launch.errors import ConversationError, MediaError
+from internvl_launch.prompt import Message, Prompt, build_prompt, get_template, parse_messages
+from internvl_launch.prompt.conversation import Media, conversation_media
+from internvl_launch.registry import Spec, load_registry
+from internvl_launch.resolver import select_model
+from internvl_launch.vision.limits import MAX_VIDEO_BYTES, MAX_VIDEO_FRAMES
+
+
+def read_messages_file(path: str) -> tuple[list[Message], Path | None]:
+    """Messages from a JSON file (`-` for stdin): a list of OpenAI messages or
+    a request body with a `messages` key. Returns the directory relative media
+    paths are read from."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise MediaError(f"Cannot read messages file {path}: {exc.strerror or type(exc).__name__}.") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConversationError(f"{path}: line {exc.lineno} column {exc.colno}: not valid JSON ({exc.msg}).") from None
+    if isinstance(data, dict) and "messages" in data:
+        data = data["messages"]
+    base = None if path == "-" else Path(path).resolve().parent
+    return parse_messages(data), base
+
+
+def messages_from_flags(question: str | None, images: tuple[str, ...], video: str | None) -> list[Message]:
+    """The one user message that `--image`/`--video` and a question make."""
+    parts: list[str | Media] = [Media("image", ref) for ref in images]
+    if video:
+        parts.append(Media("video", video))
+    parts.append(question or "")
+    return [Message("user", tuple(parts))]
+
+
+def media_tiles(
+    messages: list[Message], *, max_tiles: int, num_frames: int, base_dir: Path | None
+) -> tuple[list[list[int]], list[bytes]]:
+    """Tile counts per media item (read from image headers; a video is one
+    tile per sampled frame) and the media bytes, in prompt order."""
+    from internvl_launch.vision.media import image_size, read_media
+    from internvl_launch.vision.tiling import num_tiles
+
+    tiles: list[list[int]] = []
+    blobs: list[bytes] = []
+    for item in conversation_media(messages):
+        if item.kind == "image":
+            data = read_media(item.source, kind="image", base_dir=base_dir)
+            width, height = image_size(data, item.source)
+            tiles.append([num_tiles(width, height, max_tiles=max_tiles)])
+        else:
+            data = read_media(item.source, kind="video", base_dir=base_dir, max_bytes=MAX_VIDEO_BYTES)
+            tiles.append([1] * num_frames)
+        blobs.append(data)
+    return tiles, blobs
+
+
+def prompt_for(spec: Spec, messages: list[Message], tiles: list[list[int]], system: str | None) -> Prompt:
+    """The prompt the spec's template makes of the conversation."""
+    if system is not None:
+        messages = [Message("system", (system,)), *[m for m in messages if m.role != "system"]]
+    return build_prompt(
+        messages, template=get_template(spec.template), system_message=spec.system_message, media_tiles=tiles
+    )
+
+
+@click.command("chat")
+@model_options
+@click.argument("question", required=False)
+@click.option("--image", "images", multiple=True, help="Image file or data URL; repeat for several (Image-1, ...).")
+@click.option("--video", help="Video file; frames are sampled evenly, one tile each.")
+@click.option(
+    "--num-frames",
+    type=click.IntRange(1, MAX_VIDEO_FRAMES),
+    default=8,
+    show_default=True,
+    help="Frames sampled from --video.",
+)
+@click.option(
+    "--messages",
+    "messages_file",
+    help="OpenAI chat messages as JSON (a list, or a body with `messages`); `-` reads stdin. "
+    "Images as paths (relative to the file) or data URLs.",
+)
+@click.option("--system", help="System message (default: the one the model was trained with).")
+@click.option("--max-tiles", type=click.IntRange(1, 40), help="Most 448 px tiles per image (default: the spec's).")
+@click.option("--print-prompt", is_flag=True, help="Print the exact prompt that would be tokenized, and stop.")
+@click.option(
+    "--compact-images",
+    is_flag=True,
+    help="With --print-prompt: write each image's context tokens as <IMG_CONTEXT>*N.",
+)
+@json_option
+def chat_command(
+    question: str | None,
+    images: tuple[str, ...],
+    video: str | None,
+    num_frames: int,
+    messages_file: str | None,
+    system: str | None,
+    max_tiles: int | None,
+    print_prompt: bool,
+    compact_images: bool,
+    as_json: bool,
+    **flags: Any,
+) -> None:
+    """Ask a model one question, with images or a video, from the shell.
+
+    \b
+    internvl chat -n internvl2 -s 2 --image cat.jpg "Describe the image" --print-prompt
+    internvl chat -n internvl2.5 --messages conversation.json --print-prompt --compact-images
+    """
+    if messages_file and (question or images or video):
+        raise click.UsageError("--messages replaces the question, --image and --video; give one or the other.")
+    if not messages_file and question is None:
+        raise click.UsageError("Give a question (or --messages FILE).")
+    if compact_images and not print_prompt:
+        raise click.UsageError("--compact-images only applies with --print-prompt.")
+
+    registry = load_registry(flags["specs_dirs"])
+    family, spec, _quantization, _ = select_model(registry, request_from_flags(flags))
+    if messages_file:
+        messages, base_dir = read_messages_file(messages_file)
+    else:
+        messages, base_dir = messages_from_flags(question, images, video), None
+    tiles, _blobs = media_tiles(
+        messages, max_tiles=max_tiles or spec.max_tiles, num_frames=num_frames, base_dir=base_dir
+    )
+    prompt = prompt_for(spec, messages, tiles, system)
+
+    if print_prompt:
+        if as_json:
+            emit_json(
+                {
+                    "model": f"{family.name}:{spec.size_label}b",
+                    "template": spec.template,
+                    "prompt": prompt.render(compact=compact_images),
+                    "image_blocks": list(prompt.image_blocks),
+                    "image_tokens": prompt.num_image_tokens,
+                    "stop": list(prompt.stop),
+                }
+            )
+        else:
+            # Exactly the prompt: every template ends it with a newline already.
+            click.echo(prompt.render(compact=compact_images), nl=False)
+        return
+    raise click.UsageError("Generation is not available yet; add --print-prompt to see the prompt.")
