@@ -101,6 +101,95 @@ def normalise_(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.div_(255).sub_(_stats("mean")).div_(_stats("std"))
 
 
+def _horizontal_first(src: tuple[int, int], dst: tuple[int, int]) -> bool:
+    """Which pass Pillow runs first for this resize: it shrinks height first
+    when height shrinks by more than twice as many pixels as width does."""
+    shrink_h = src[1] - dst[1]
+    return not (shrink_h > 0 and shrink_h > (src[0] - dst[0]) * 2)
+
+
+def _halves(n: int, unit: int) -> int:
+    """Where to cut n pixels in two: at a tile edge when there are several tiles."""
+    return (n // unit + 1) // 2 * unit if n >= 2 * unit else n // 2
+
+
+def _split_resize(img: Image.Image, size: tuple[int, int], image_size: int = 448) -> np.ndarray:
+    """`img.resize(size, BICUBIC)` as an (H, W, 3) uint8 array, on two threads.
+
+    Pillow's bicubic resize is two separable passes with an 8-bit image in
+    between: horizontal (each output row from one input row) and vertical
+    (each output column from one input column), in the order
+    `_horizontal_first` gives. Running each pass as its own resize, the
+    horizontal one on row bands and the vertical one on column bands, is
+    therefore the same arithmetic on the same pixels. `_SPLIT_EXACT` checks
+    that on this Pillow once; when it does not hold, one plain resize is used.
+    """
+    if not _split_is_exact():
+        return np.asarray(img.resize(size, Image.Resampling.BICUBIC))
+    return _two_pass(img, size, image_size)
+
+
+def _two_pass(img: Image.Image, size: tuple[int, int], image_size: int) -> np.ndarray:
+    w, h = img.size
+    W, H = size
+    bicubic = Image.Resampling.BICUBIC
+
+    def horizontal(src: Image.Image, width: int) -> np.ndarray:
+        if src.width == width:
+            return np.array(src)
+        out = np.empty((src.height, width, 3), np.uint8)
+        cut = src.height // 2
+
+        def band(y0: int, y1: int) -> None:
+            out[y0:y1] = np.asarray(src.crop((0, y0, src.width, y1)).resize((width, y1 - y0), bicubic))
+
+        job = _POOL.submit(band, cut, src.height) if cut else None
+        if cut:
+            band(0, cut)
+        if job is not None:
+            job.result()
+        else:
+            band(0, src.height)
+        return out
+
+    def vertical(src: Image.Image, height: int) -> np.ndarray:
+        if src.height == height:
+            return np.array(src)
+        out = np.empty((height, src.width, 3), np.uint8)
+        cut = _halves(src.width, image_size)
+
+        def band(x0: int, x1: int) -> None:
+            out[:, x0:x1] = np.asarray(src.crop((x0, 0, x1, src.height)).resize((x1 - x0, height), bicubic))
+
+        job = _POOL.submit(band, cut, src.width) if cut else None
+        if cut:
+            band(0, cut)
+        if job is not None:
+            job.result()
+        else:
+            band(0, src.width)
+        return out
+
+    if _horizontal_first((w, h), (W, H)):
+        return vertical(Image.fromarray(horizontal(img, W)), H)
+    return horizontal(Image.fromarray(vertical(img, H)), W)
+
+
+@lru_cache(maxsize=1)
+def _split_is_exact() -> bool:
+    rng = np.random.default_rng(0)
+    for w, h, W, H in ((53, 37, 96, 64), (40, 300, 32, 64), (300, 41, 64, 64), (97, 89, 50, 45)):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        if not np.array_equal(_two_pass(img, (W, H), 16), np.asarray(img.resize((W, H), Image.Resampling.BICUBIC))):
+            return False
+    return True
+
+
+def _convert_tiles(out: torch.Tensor, tiles: torch.Tensor) -> None:
+    out.copy_(tiles)
+    normalise_(out)
+
+
 def open_image(image: ImageInput) -> Image.Image:
     """Decode fully (truncated files raise) and convert to RGB as the reference does."""
     if isinstance(image, Image.Image):
@@ -163,10 +252,24 @@ def _content_key(image: bytes | Image.Image, settings: tuple[object, ...]) -> by
     h = hashlib.sha256(repr(settings).encode())  # hardware-accelerated where the CPU has SHA extensions
     if isinstance(image, Image.Image):
         h.update(f"{image.mode}:{image.size}".encode())
-        h.update(image.tobytes())
+        image = image.tobytes()
+    if len(image) >= _SPLIT_HASH_BYTES:
+        # Two halves hashed on two threads (hashlib releases the GIL), then
+        # the pair: a hash tree of depth one, still SHA-256 strength.
+        view = memoryview(image)
+        cut = len(view) // 2
+        first = _POOL.submit(_sha256, view[:cut])
+        h.update(b"tree2:" + _sha256(view[cut:]) + first.result())
     else:
         h.update(image)
     return h.digest()
+
+
+_SPLIT_HASH_BYTES = 1024 * 1024
+
+
+def _sha256(data: memoryview) -> bytes:
+    return hashlib.sha256(data).digest()
 
 
 def preprocess_image(
@@ -178,6 +281,7 @@ def preprocess_image(
     thumbnail: bool = True,
     dtype: torch.dtype | None = None,
     cache: bool = True,
+    parallel: bool = True,
 ) -> torch.Tensor:
     """Tiles of one image as a (tiles, 3, image_size, image_size) tensor.
 
@@ -185,7 +289,8 @@ def preprocess_image(
     bit for bit in float32, what the model cards' `load_image` produces
     (`dynamic_preprocess` with `use_thumbnail=True`, bicubic resizes,
     ImageNet normalisation). `dtype` defaults to float32; other dtypes are the
-    float32 values cast once.
+    float32 values cast once. `parallel` spreads one image over two threads;
+    callers that already run one image per worker turn it off.
     """
     import torch
 
@@ -207,19 +312,33 @@ def preprocess_image(
     blocks = cols * rows
     with_thumb = thumbnail and blocks != 1
 
-    grid_job = _POOL.submit(img.resize, (cols * image_size, rows * image_size), Image.Resampling.BICUBIC)
-    thumb_img = img.resize((image_size, image_size), Image.Resampling.BICUBIC) if with_thumb else None
-    grid_img = grid_job.result()
-
     count = blocks + int(with_thumb)
     out32 = torch.empty((count, 3, image_size, image_size), dtype=torch.float32)
-    grid = torch.from_numpy(np.array(grid_img))  # (rows*S, cols*S, 3) uint8, one copy
+    grid_size = (cols * image_size, rows * image_size)
+    if parallel:
+        # Both cores: the thumbnail on a pool thread; the grid resize split in
+        # two halves per pass (exactly Pillow's own result, see _split_resize);
+        # then the tiles converted and normalised half on each thread.
+        thumb_job = _POOL.submit(img.resize, (image_size, image_size), Image.Resampling.BICUBIC) if with_thumb else None
+        grid = _split_resize(img, grid_size)
+        thumb = thumb_job.result() if thumb_job is not None else None
+    else:
+        grid = np.array(img.resize(grid_size, Image.Resampling.BICUBIC))
+        thumb = img.resize((image_size, image_size), Image.Resampling.BICUBIC) if with_thumb else None
+    if thumb is not None:
+        _convert_tiles(out32[blocks:], torch.from_numpy(np.array(thumb)).permute(2, 0, 1)[None])
     # (rows, S, cols, S, 3) -> (rows, cols, 3, S, S): each tile a view, row-major like the reference.
-    tiles = grid.view(rows, image_size, cols, image_size, 3).permute(0, 2, 4, 1, 3)
-    out32[:blocks].view(rows, cols, 3, image_size, image_size).copy_(tiles)
-    if thumb_img is not None:
-        out32[blocks].copy_(torch.from_numpy(np.array(thumb_img)).permute(2, 0, 1))
-    normalise_(out32)
+    tiles = torch.from_numpy(grid).view(rows, image_size, cols, image_size, 3).permute(0, 2, 4, 1, 3)
+    dest = out32[:blocks].view(rows, cols, 3, image_size, image_size)
+    axis, n = (0, rows) if rows > 1 else (1, cols)
+    half = (n + 1) // 2
+    second = None
+    if parallel and n > 1:
+        second = _POOL.submit(_convert_tiles, dest.narrow(axis, half, n - half), tiles.narrow(axis, half, n - half))
+        n = half
+    _convert_tiles(dest.narrow(axis, 0, n), tiles.narrow(axis, 0, n))
+    if second is not None:
+        second.result()
     out = out32 if dtype == torch.float32 else out32.to(dtype)
     if key is not None:
         CACHE.put(key, out)
