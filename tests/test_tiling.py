@@ -18,7 +18,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_preprocessing import closest_grid, reference_load_image, split_tiles
 
-from internvl_launch.vision.tiling import CACHE, num_tiles, preprocess_image, tile_grid
+from internvl_launch.vision.tiling import CACHE, _two_pass, num_tiles, preprocess_image, tile_grid
 
 SIZES = [
     (1, 1),
@@ -66,6 +66,23 @@ def test_bit_identical_to_the_reference_for_rgb(width: int, height: int) -> None
     assert ours.dtype == torch.float32 and ours.shape == ref.shape
     assert torch.equal(ours, ref)
     assert ours.shape[0] == num_tiles(width, height)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 2500), st.integers(1, 2500), st.sampled_from([1, 6, 12]))
+def test_banded_two_pass_resize_is_pillows_resize(width: int, height: int, max_tiles: int) -> None:
+    # Both pass orders of Pillow occur here (height shrinking more than twice as
+    # fast as width flips it), with one-tile and many-tile grids.
+    img = noise(width, height)
+    cols, rows = tile_grid(width, height, max_tiles=max_tiles)
+    size = (cols * 448, rows * 448)
+    assert np.array_equal(_two_pass(img, size, 448), np.asarray(img.resize(size, Image.Resampling.BICUBIC)))
+
+
+@pytest.mark.parametrize(("width", "height"), [(800, 600), (526, 2439), (1000, 20), (448, 448)])
+def test_single_threaded_path_is_identical(width: int, height: int) -> None:
+    img = noise(width, height)
+    assert torch.equal(preprocess_image(img, cache=False, parallel=False), reference_load_image(img))
 
 
 FORMAT_MODES = [
