@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e '.[dev,transformers]'
+	$(PIP) install -q -e '.[dev,transformers,quant]'
 	! $(PY) -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torchvision") is None)' || \
 		(echo "torchvision must not be installed next to CPU torch" >&2; exit 1)
 	touch $@

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "preprocess_image"]
+__all__ = ["__version__", "load", "load_video", "preprocess_image"]
 
 
 def __getattr__(name: str) -> object:
@@ -17,4 +17,12 @@ def __getattr__(name: str) -> object:
         from internvl_launch.vision.tiling import preprocess_image
 
         return preprocess_image
+    if name == "load_video":
+        from internvl_launch.vision.video import load_video
+
+        return load_video
+    if name == "load":
+        from internvl_launch.api import load
+
+        return load
     raise AttributeError(f"module 'internvl_launch' has no attribute {name!r}")

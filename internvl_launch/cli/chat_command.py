@@ -99,6 +99,14 @@ def prompt_for(spec: Spec, messages: list[Message], tiles: list[list[int]], syst
 )
 @click.option("--system", help="System message (default: the one the model was trained with).")
 @click.option("--max-tiles", type=click.IntRange(1, 40), help="Most 448 px tiles per image (default: the spec's).")
+@click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True, help="Most tokens to generate.")
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, help="Seed for sampling.")
+@click.option("--stream", is_flag=True, help="Print the answer as it is generated.")
+@click.option(
+    "--model-path", type=click.Path(file_okay=False), help="Local native checkpoint to load instead of the hub."
+)
 @click.option("--print-prompt", is_flag=True, help="Print the exact prompt that would be tokenized, and stop.")
 @click.option(
     "--compact-images",
@@ -114,6 +122,12 @@ def chat_command(
     messages_file: str | None,
     system: str | None,
     max_tiles: int | None,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    stream: bool,
+    model_path: str | None,
     print_prompt: bool,
     compact_images: bool,
     as_json: bool,
@@ -121,9 +135,13 @@ def chat_command(
 ) -> None:
     """Ask a model one question, with images or a video, from the shell.
 
+    Runs on the Transformers engine; weights come from --model-path or the
+    built-in internvl-tiny model (hub downloads are not in this version).
+
     \b
     internvl chat -n internvl2 -s 2 --image cat.jpg "Describe the image" --print-prompt
     internvl chat -n internvl2.5 --messages conversation.json --print-prompt --compact-images
+    internvl chat -n internvl-tiny --image cat.jpg "Describe the image" --max-tokens 16 --json
     """
     if messages_file and (question or images or video):
         raise click.UsageError("--messages replaces the question, --image and --video; give one or the other.")
@@ -131,6 +149,8 @@ def chat_command(
         raise click.UsageError("Give a question (or --messages FILE).")
     if compact_images and not print_prompt:
         raise click.UsageError("--compact-images only applies with --print-prompt.")
+    if stream and as_json:
+        raise click.UsageError("--stream and --json do not go together; --json prints the whole answer at the end.")
 
     registry = load_registry(flags["specs_dirs"])
     family, spec, _quantization, _ = select_model(registry, request_from_flags(flags))
@@ -159,4 +179,69 @@ def chat_command(
             # Exactly the prompt: every template ends it with a newline already.
             click.echo(prompt.render(compact=compact_images), nl=False)
         return
-    raise click.UsageError("Generation is not available yet; add --print-prompt to see the prompt.")
+    _generate(
+        flags,
+        messages if system is None else [Message("system", (system,)), *[m for m in messages if m.role != "system"]],
+        base_dir=base_dir,
+        max_tiles=max_tiles,
+        num_frames=num_frames,
+        params={"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
+        stream=stream,
+        as_json=as_json,
+        model_path=model_path,
+    )
+
+
+def _generate(
+    flags: dict[str, Any],
+    messages: list[Message],
+    *,
+    base_dir: Path | None,
+    max_tiles: int | None,
+    num_frames: int,
+    params: dict[str, Any],
+    stream: bool,
+    as_json: bool,
+    model_path: str | None,
+) -> None:
+    import time
+
+    from internvl_launch.api import load
+    from internvl_launch.engines.transformers_engine import SamplingParams
+
+    started = time.perf_counter()
+    model = load(
+        flags["model_name"],
+        size=flags["size"],
+        quantization=flags["quantization"],
+        model_format=flags["fmt"],
+        device=flags["device"],
+        model_path=model_path,
+        max_tiles=max_tiles,
+        specs_dirs=flags["specs_dirs"],
+    )
+    loaded = time.perf_counter()
+    request = model.prepare_messages(messages, max_tiles=max_tiles, num_frames=num_frames, base_dir=base_dir)
+    sampling = SamplingParams(**params)
+    if stream:
+        for delta in model.engine.stream(request, sampling):
+            click.echo(delta, nl=False)
+        click.echo("")
+        return
+    result = model.engine.generate([request], sampling)[0]
+    if as_json:
+        emit_json(
+            {
+                "model": model.plan.model_ref,
+                "answer": result.text,
+                "finish_reason": result.finish_reason,
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+                "timings": {
+                    "load_s": round(loaded - started, 4),
+                    "generate_s": round(result.timings["total_s"], 4),
+                },
+            }
+        )
+    else:
+        click.echo(result.text.strip())

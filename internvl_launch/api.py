@@ -1,0 +1,236 @@
+"""The Python API: `load()` a model through the same plan the CLI uses, then
+`chat`, `batch_chat` and `stream` as the model cards' `model.chat` does.
+
+    import internvl_launch
+    model = internvl_launch.load("internvl-tiny")
+    model.chat("Describe the image.", image="cat.jpg")
+    reply, history = model.chat("<image>\\nDescribe.", image="cat.jpg", return_history=True)
+    reply, history = model.chat("Write a poem about it.", image="cat.jpg", history=history, return_history=True)
+    model.chat("Image-1: <image>\\nImage-2: <image>\\nCompare.", image=["a.jpg", "b.jpg"])
+    model.chat("What happens?", video="clip.mp4")
+    model.batch_chat(["Describe.", "Describe."], images=["a.jpg", "b.jpg"])
+    for delta in model.stream("Tell me a story."): print(delta, end="")
+    model.chat_messages([{"role": "user", "content": [...]}])   # OpenAI messages
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from internvl_launch.engines.transformers_engine import (
+    Completion,
+    GenerationRequest,
+    SamplingParams,
+    TransformersEngine,
+)
+from internvl_launch.environment import probe_environment
+from internvl_launch.errors import EngineUnavailableError, InternVLError
+from internvl_launch.prompt import Message, Prompt, build_prompt, conversation_media, get_template, parse_messages
+from internvl_launch.registry import Spec, load_registry
+from internvl_launch.request import LaunchRequest
+from internvl_launch.resolver import LaunchPlan, resolve_plan
+
+ImageLike = Any  # path, bytes, PIL image
+History = list[tuple[str, str]]
+
+
+def locate_weights(plan: LaunchPlan, model_path: str | os.PathLike[str] | None = None) -> Path:
+    """Where the plan's weights are on this machine: a local path given by
+    the caller, or the built-in tiny model (generated on first use)."""
+    if model_path is not None:
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise InternVLError(f"{path} is not a checkpoint directory (no config.json).")
+        return path
+    if plan.hub == "builtin":
+        from internvl_launch.checkpoint.tiny import tiny_checkpoint
+
+        return tiny_checkpoint()
+    raise InternVLError(
+        f"Downloading {plan.hub}: {plan.repo_id} is not available in this version.",
+        hint="Download the checkpoint yourself and pass model_path= (Python) or --model-path, "
+        "or use the built-in internvl-tiny model.",
+    )
+
+
+@dataclass
+class InternVLModel:
+    """A loaded model with the conversation helpers around its engine."""
+
+    plan: LaunchPlan
+    engine: TransformersEngine
+    max_tiles: int
+
+    @property
+    def spec(self) -> Spec:
+        return self.plan.spec
+
+    # -- inputs ---------------------------------------------------------------
+
+    def _pixels(self, images: Sequence[ImageLike], max_tiles: int | None) -> list[Any]:
+        from internvl_launch.vision.tiling import preprocess_image
+
+        return [preprocess_image(img, max_tiles=max_tiles or self.max_tiles) for img in images]
+
+    def _video(self, video: Any, num_frames: int) -> Any:
+        from internvl_launch.vision.video import load_video
+
+        return load_video(video, num_segments=num_frames)
+
+    def _prompt(self, messages: Sequence[Message], tiles: Sequence[Sequence[int]], placeholders: bool) -> Prompt:
+        return build_prompt(
+            messages,
+            template=get_template(self.spec.template),
+            system_message=self.spec.system_message,
+            media_tiles=tiles,
+            placeholders=placeholders,
+        )
+
+    def prepare_question(
+        self,
+        question: str,
+        *,
+        image: ImageLike | Sequence[ImageLike] | None = None,
+        video: Any = None,
+        num_frames: int = 8,
+        history: History | None = None,
+        max_tiles: int | None = None,
+        system: str | None = None,
+    ) -> tuple[GenerationRequest, str]:
+        """A seed-style question as a request, and the question as history keeps it."""
+        import torch
+
+        images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        blocks = self._pixels(images, max_tiles)
+        if video is not None:
+            frames = self._video(video, num_frames)
+            blocks += list(frames.pixel_values.split(1))
+            if "<image>" not in question:  # the cards' video prompt: Frame1: <image>\n...
+                question = "".join(f"Frame{i}: <image>\n" for i in range(1, len(frames.frame_indices) + 1)) + question
+        messages: list[Message] = [Message("system", (system,))] if system is not None else []
+        for old_q, old_a in history or []:
+            messages += [Message("user", (old_q,)), Message("assistant", (old_a,))]
+        if blocks and not history and "<image>" not in question:
+            question = "<image>\n" + question  # what the original stores in history
+        messages.append(Message("user", (question,)))
+        prompt = self._prompt(messages, [[int(b.shape[0])] for b in blocks], placeholders=True)
+        pixels = torch.cat(blocks) if blocks else None
+        return GenerationRequest(prompt, pixels), question
+
+    def prepare_messages(
+        self, messages: Any, *, max_tiles: int | None = None, num_frames: int = 8, base_dir: Path | None = None
+    ) -> GenerationRequest:
+        """OpenAI chat messages (images as paths, data URLs or bytes) as a request."""
+        import torch
+
+        from internvl_launch.vision.media import read_media
+
+        parsed = messages if messages and isinstance(messages[0], Message) else parse_messages(messages)
+        tiles: list[list[int]] = []
+        pixels = []
+        for item in conversation_media(parsed):
+            source = item.source
+            if isinstance(source, str):
+                source = read_media(source, kind=item.kind, base_dir=base_dir)
+            if item.kind == "image":
+                block = self._pixels([source], max_tiles)[0]
+                tiles.append([int(block.shape[0])])
+                pixels.append(block)
+            else:
+                frames = self._video(source, num_frames)
+                tiles.append([1] * len(frames.frame_indices))
+                pixels.append(frames.pixel_values)
+        prompt = self._prompt(parsed, tiles, placeholders=False)
+        return GenerationRequest(prompt, torch.cat(pixels) if pixels else None)
+
+    # -- generation -------------------------------------------------------------
+
+    def chat(
+        self,
+        question: str,
+        *,
+        image: ImageLike | Sequence[ImageLike] | None = None,
+        video: Any = None,
+        history: History | None = None,
+        return_history: bool = False,
+        **params: Any,
+    ) -> str | tuple[str, History]:
+        """One reply, as `model.chat` gives it; with `return_history`, also the
+        history to pass to the next call."""
+        request, asked = self.prepare_question(question, image=image, video=video, history=history)
+        reply = self.engine.generate([request], SamplingParams(**params))[0].text.strip()
+        if return_history:
+            return reply, [*(history or []), (asked, reply)]
+        return reply
+
+    def batch_chat(
+        self, questions: Sequence[str], *, images: Sequence[ImageLike | None] | None = None, **params: Any
+    ) -> list[str]:
+        """Replies to several independent questions, generated as one batch."""
+        images = list(images) if images is not None else [None] * len(questions)
+        if len(images) != len(questions):
+            raise ValueError("give one image (or None) per question")
+        requests = [self.prepare_question(q, image=img)[0] for q, img in zip(questions, images, strict=True)]
+        return [c.text.strip() for c in self.engine.generate(requests, SamplingParams(**params))]
+
+    def stream(
+        self,
+        question: str,
+        *,
+        image: ImageLike | Sequence[ImageLike] | None = None,
+        video: Any = None,
+        history: History | None = None,
+        **params: Any,
+    ) -> Iterator[str]:
+        """Text deltas of one reply."""
+        request, _ = self.prepare_question(question, image=image, video=video, history=history)
+        return self.engine.stream(request, SamplingParams(**params))
+
+    def chat_messages(self, messages: Any, **params: Any) -> Completion:
+        """One reply to OpenAI chat messages, with token counts."""
+        return self.engine.generate([self.prepare_messages(messages)], SamplingParams(**params))[0]
+
+
+def load(
+    model_name: str = "internvl-tiny",
+    *,
+    size: float | str | None = None,
+    quantization: str | None = None,
+    model_format: str | None = None,
+    device: str = "auto",
+    model_path: str | os.PathLike[str] | None = None,
+    max_tiles: int | None = None,
+    specs_dirs: Sequence[str] = (),
+) -> InternVLModel:
+    """Resolve the model as `internvl resolve` would (Transformers engine),
+    find its weights and load it."""
+    from internvl_launch.request import parse_size
+
+    request = LaunchRequest(
+        model_name=model_name,
+        size=parse_size(size) if size is not None else None,
+        format=model_format,
+        quantization=quantization,
+        engine="transformers",
+        device=device,  # type: ignore[arg-type]
+        memory_check=model_path is None,
+    )
+    plan = resolve_plan(load_registry(specs_dirs), request, probe_environment())
+    if plan.quantization not in ("none", "8-bit", "4-bit"):
+        raise EngineUnavailableError(
+            f"Quantization {plan.quantization} is not supported by this version's Transformers engine.",
+            hint="Use none, 8-bit or 4-bit, or the vLLM engine.",
+        )
+    path = locate_weights(plan, model_path)
+    engine = TransformersEngine(
+        path,
+        device=plan.device,
+        dtype=plan.dtype,
+        quantization=plan.quantization,
+        stop=plan.spec.stop,
+    )
+    return InternVLModel(plan, engine, max_tiles or plan.spec.max_tiles)
