@@ -18,6 +18,7 @@ import io
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -113,6 +114,16 @@ def _halves(n: int, unit: int) -> int:
     return (n // unit + 1) // 2 * unit if n >= 2 * unit else n // 2
 
 
+def _in_two_bands(band: Callable[[int, int], None], cut: int, end: int) -> None:
+    """Run band(0, cut) here and band(cut, end) on the pool; one band when cut is 0."""
+    if not 0 < cut < end:
+        band(0, end)
+        return
+    job = _POOL.submit(band, cut, end)
+    band(0, cut)
+    job.result()
+
+
 def _split_resize(img: Image.Image, size: tuple[int, int], image_size: int = 448) -> np.ndarray:
     """`img.resize(size, BICUBIC)` as an (H, W, 3) uint8 array, on two threads.
 
@@ -143,13 +154,7 @@ def _two_pass(img: Image.Image, size: tuple[int, int], image_size: int) -> np.nd
         def band(y0: int, y1: int) -> None:
             out[y0:y1] = np.asarray(src.crop((0, y0, src.width, y1)).resize((width, y1 - y0), bicubic))
 
-        job = _POOL.submit(band, cut, src.height) if cut else None
-        if cut:
-            band(0, cut)
-        if job is not None:
-            job.result()
-        else:
-            band(0, src.height)
+        _in_two_bands(band, cut, src.height)
         return out
 
     def vertical(src: Image.Image, height: int) -> np.ndarray:
@@ -161,13 +166,7 @@ def _two_pass(img: Image.Image, size: tuple[int, int], image_size: int) -> np.nd
         def band(x0: int, x1: int) -> None:
             out[:, x0:x1] = np.asarray(src.crop((x0, 0, x1, src.height)).resize((x1 - x0, height), bicubic))
 
-        job = _POOL.submit(band, cut, src.width) if cut else None
-        if cut:
-            band(0, cut)
-        if job is not None:
-            job.result()
-        else:
-            band(0, src.width)
+        _in_two_bands(band, cut, src.width)
         return out
 
     if _horizontal_first((w, h), (W, H)):
