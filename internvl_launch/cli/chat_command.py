@@ -48,32 +48,27 @@ def messages_from_flags(question: str | None, images: tuple[str, ...], video: st
     return [Message("user", tuple(parts))]
 
 
-def media_tiles(
-    messages: list[Message], *, max_tiles: int, num_frames: int, base_dir: Path | None
-) -> tuple[list[list[int]], list[bytes]]:
-    """Tile counts per media item (read from image headers; a video is one
-    tile per sampled frame) and the media bytes, in prompt order."""
+def media_tiles(messages: list[Message], *, max_tiles: int, num_frames: int, base_dir: Path | None) -> list[list[int]]:
+    """Tile counts per media item, in prompt order: read from image headers
+    (which also checks every image before a model is loaded); a video is one
+    tile per sampled frame."""
     from internvl_launch.vision.media import image_size, read_media
     from internvl_launch.vision.tiling import num_tiles
 
     tiles: list[list[int]] = []
-    blobs: list[bytes] = []
     for item in conversation_media(messages):
         if item.kind == "image":
             data = read_media(item.source, kind="image", base_dir=base_dir)
             width, height = image_size(data, item.source)
             tiles.append([num_tiles(width, height, max_tiles=max_tiles)])
         else:
-            data = read_media(item.source, kind="video", base_dir=base_dir, max_bytes=MAX_VIDEO_BYTES)
+            read_media(item.source, kind="video", base_dir=base_dir, max_bytes=MAX_VIDEO_BYTES)
             tiles.append([1] * num_frames)
-        blobs.append(data)
-    return tiles, blobs
+    return tiles
 
 
-def prompt_for(spec: Spec, messages: list[Message], tiles: list[list[int]], system: str | None) -> Prompt:
+def prompt_for(spec: Spec, messages: list[Message], tiles: list[list[int]]) -> Prompt:
     """The prompt the spec's template makes of the conversation."""
-    if system is not None:
-        messages = [Message("system", (system,)), *[m for m in messages if m.role != "system"]]
     return build_prompt(
         messages, template=get_template(spec.template), system_message=spec.system_message, media_tiles=tiles
     )
@@ -158,12 +153,12 @@ def chat_command(
         messages, base_dir = read_messages_file(messages_file)
     else:
         messages, base_dir = messages_from_flags(question, images, video), None
-    tiles, _blobs = media_tiles(
-        messages, max_tiles=max_tiles or spec.max_tiles, num_frames=num_frames, base_dir=base_dir
-    )
-    prompt = prompt_for(spec, messages, tiles, system)
+    if system is not None:
+        messages = [Message("system", (system,)), *[m for m in messages if m.role != "system"]]
+    tiles = media_tiles(messages, max_tiles=max_tiles or spec.max_tiles, num_frames=num_frames, base_dir=base_dir)
 
     if print_prompt:
+        prompt = prompt_for(spec, messages, tiles)
         if as_json:
             emit_json(
                 {
@@ -181,7 +176,7 @@ def chat_command(
         return
     _generate(
         flags,
-        messages if system is None else [Message("system", (system,)), *[m for m in messages if m.role != "system"]],
+        messages,
         base_dir=base_dir,
         max_tiles=max_tiles,
         num_frames=num_frames,

@@ -10,6 +10,7 @@ strings where the tokenizer does not have them as single tokens.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -133,7 +134,8 @@ class TransformersEngine:
             model = model.to(device)
         self.model = model.eval()
         self.load_seconds = time.perf_counter() - started
-        vocab = self.tokenizer.get_vocab()
+        # Built once: get_vocab() constructs a new dict of the whole vocabulary on every call.
+        self.vocab = vocab = self.tokenizer.get_vocab()
         self.stop = tuple(stop)
         #: Stop strings that are single tokens of this tokenizer end generation as tokens.
         self.stop_token_ids = [vocab[s] for s in self.stop if s in vocab]
@@ -156,7 +158,7 @@ class TransformersEngine:
     # -- inputs -------------------------------------------------------------
 
     def encode(self, request: GenerationRequest) -> list[int]:
-        ids = request.prompt.encode(self.tokenizer)
+        ids = request.prompt.encode(self.tokenizer, self.vocab)
         tiles = sum(request.prompt.image_blocks)
         given = 0 if request.pixel_values is None else int(request.pixel_values.shape[0])
         if tiles != given:
@@ -195,24 +197,17 @@ class TransformersEngine:
     def _stop_strings(self, params: SamplingParams) -> tuple[str, ...]:
         """The template's stop strings this tokenizer lacks as single tokens,
         and every stop string of the request."""
-        vocab = self.tokenizer.get_vocab()
-        return tuple(dict.fromkeys([*(s for s in self.stop if s not in vocab), *(s for s in params.stop if s)]))
+        return tuple(dict.fromkeys([*(s for s in self.stop if s not in self.vocab), *(s for s in params.stop if s)]))
 
-    def _seeded(self, params: SamplingParams):  # type: ignore[no-untyped-def]
-        import contextlib
-
+    @contextlib.contextmanager
+    def _seeded(self, params: SamplingParams) -> Iterator[None]:
+        """Seed torch's generator for this call; seeded calls take turns."""
         if params.seed is None:
-            return contextlib.nullcontext()
-        lock = self._seed_lock
-        torch = self._torch
-
-        @contextlib.contextmanager
-        def seeded():  # type: ignore[no-untyped-def]
-            with lock:
-                torch.manual_seed(params.seed)
-                yield
-
-        return seeded()
+            yield
+            return
+        with self._seed_lock:
+            self._torch.manual_seed(params.seed)
+            yield
 
     # -- generation ---------------------------------------------------------
 

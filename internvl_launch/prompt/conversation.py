@@ -113,12 +113,13 @@ class Prompt:
                 out.append(p.text)
         return "".join(out)
 
-    def encode(self, tokenizer: Any) -> list[int]:
+    def encode(self, tokenizer: Any, vocab: Mapping[str, int] | None = None) -> list[int]:
         """Token ids as the original tokenizes the prompt string (the
         tokenizer's own prefix such as BOS included), except that special
-        tokens typed in messages stay text."""
+        tokens typed in messages stay text. `vocab` is `tokenizer.get_vocab()`,
+        which callers encoding many prompts should fetch once."""
         ids = list(_prefix_ids(tokenizer))
-        vocab = tokenizer.get_vocab()
+        vocab = vocab if vocab is not None else tokenizer.get_vocab()
         for p in self.pieces:
             if p.kind == "text":
                 ids += tokenizer(p.text, add_special_tokens=False, split_special_tokens=True)["input_ids"]

@@ -17,7 +17,6 @@ import hashlib
 import io
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
     import torch
 
 from internvl_launch.vision.limits import MAX_FRAME_PIXELS, MAX_FRAMES_IN_FILE, MAX_VIDEO_BYTES, MAX_VIDEO_FRAMES
+from internvl_launch.vision.media import read_media
 
 
 @dataclass(frozen=True)
@@ -76,17 +76,7 @@ def _read_source(video: str | os.PathLike[str] | bytes, max_bytes: int) -> bytes
     if isinstance(video, (bytes, bytearray, memoryview)):
         data = bytes(video)
     else:
-        path = Path(video)
-        try:
-            size = path.stat().st_size
-        except OSError as exc:
-            raise MediaError(f"Cannot read video {path}: {exc.strerror or exc}.") from None
-        if size > max_bytes:
-            raise MediaError(
-                f"Video {path} is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.0f} MiB limit.",
-                hint="Trim the video, or raise the limit (--max-video-mb).",
-            )
-        data = path.read_bytes()
+        data = read_media(os.fspath(video), kind="video", max_bytes=max_bytes)
     if len(data) > max_bytes:
         raise MediaError(
             f"Video is {len(data) / 2**20:.1f} MiB, over the {max_bytes / 2**20:.0f} MiB limit.",
