@@ -18,6 +18,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_preprocessing import closest_grid, reference_load_image, split_tiles
 
+from internvl_launch.errors import MediaError
 from internvl_launch.vision.tiling import CACHE, _two_pass, num_tiles, preprocess_image, tile_grid
 
 SIZES = [
@@ -139,8 +140,9 @@ def test_cache_returns_the_same_tensor_for_the_same_bytes() -> None:
 
 def test_truncated_image_is_refused() -> None:
     data = encode(noise(300, 300), "PNG", "RGB")
-    with pytest.raises(OSError):
+    with pytest.raises(MediaError, match="truncated or corrupt") as err:
         preprocess_image(data[: len(data) // 2], cache=False)
+    assert "0x" not in str(err.value) and "BytesIO" not in str(err.value)
 
 
 @settings(max_examples=400, deadline=None)

@@ -11,9 +11,10 @@ strings where the tokenizer does not have them as single tokens.
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ class GenerationRequest:
 
     prompt: Prompt
     pixel_values: Any = None  # torch.Tensor (tiles, 3, 448, 448) or None
+    input_ids: tuple[int, ...] | None = None  # the prompt's ids, when already encoded
 
 
 @dataclass
@@ -158,6 +160,8 @@ class TransformersEngine:
     # -- inputs -------------------------------------------------------------
 
     def encode(self, request: GenerationRequest) -> list[int]:
+        if request.input_ids is not None:
+            return list(request.input_ids)
         ids = request.prompt.encode(self.tokenizer, self.vocab)
         tiles = sum(request.prompt.image_blocks)
         given = 0 if request.pixel_values is None else int(request.pixel_values.shape[0])
@@ -178,9 +182,9 @@ class TransformersEngine:
         pixel_values = torch.cat(pixels).to(self.input_device, self.vision_dtype) if pixels else None
         return input_ids.to(self.input_device), mask.to(self.input_device), pixel_values, [len(e) for e in encoded]
 
-    def _generate_kwargs(self, params: SamplingParams) -> dict[str, Any]:
+    def _generate_kwargs(self, params: SamplingParams, max_new_tokens: int) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
-            "max_new_tokens": params.max_tokens,
+            "max_new_tokens": max_new_tokens,
             "eos_token_id": self.stop_token_ids,
             "pad_token_id": self.pad_id,
             "repetition_penalty": params.repetition_penalty,
@@ -189,9 +193,6 @@ class TransformersEngine:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        stops = self._stop_strings(params)
-        if stops:
-            kwargs.update(stop_strings=list(stops), tokenizer=self.tokenizer)
         return kwargs
 
     def _stop_strings(self, params: SamplingParams) -> tuple[str, ...]:
@@ -211,87 +212,142 @@ class TransformersEngine:
 
     # -- generation ---------------------------------------------------------
 
+    def run(self, rows: Sequence[Row], params: SamplingParams) -> list[Completion]:
+        """Generate every row in one batch. `params` gives the shared sampling
+        settings; each row stops on its own (end token, its stop strings, its
+        `max_tokens`, its cancel event) and streams through its `on_text`."""
+        torch = self._torch
+        from transformers import StoppingCriteriaList
+
+        started = time.perf_counter()
+        input_ids, mask, pixel_values, lengths = self._batch([r.request for r in rows])
+        tracker = _RowTracker(self, rows, input_ids.shape[1], started)
+        with torch.inference_mode(), self._seeded(params):
+            self.model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                stopping_criteria=StoppingCriteriaList([tracker]),
+                **_pixels(pixel_values),
+                **self._generate_kwargs(params, max(r.params.max_tokens for r in rows)),
+            )
+        return tracker.completions(lengths, time.perf_counter() - started)
+
     def generate(self, requests: Sequence[GenerationRequest], params: SamplingParams) -> list[Completion]:
         """Replies for several conversations, generated together."""
-        torch = self._torch
-        started = time.perf_counter()
-        input_ids, mask, pixel_values, lengths = self._batch(requests)
-        with torch.inference_mode(), self._seeded(params):
-            output = self.model.generate(
-                input_ids=input_ids, attention_mask=mask, **_pixels(pixel_values), **self._generate_kwargs(params)
-            )
-        elapsed = time.perf_counter() - started
-        new = output[:, input_ids.shape[1] :].tolist()
-        results = []
-        for row, tokens in enumerate(new):
-            text, reason, count = self._finish(tokens, params)
-            results.append(
-                Completion(text, reason, lengths[row], count, {"total_s": elapsed, "load_s": self.load_seconds})
-            )
-        return results
-
-    def _finish(self, tokens: list[int], params: SamplingParams) -> tuple[str, str, int]:
-        """Text, finish reason and completion token count of one generated row
-        (the end token counts; the padding after a finished row does not)."""
-        end = len(tokens)
-        count = end
-        reason = "length"
-        for i, token in enumerate(tokens):
-            if token in self.stop_token_ids or token == self.pad_id:
-                end, reason = i, "stop"
-                count = i + int(token in self.stop_token_ids)
-                break
-        text = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
-        cut, hit = _cut_at_stop(text, self._stop_strings(params))
-        return cut, "stop" if hit else reason, count
+        return self.run([Row(r, params) for r in requests], params)
 
     def stream(self, request: GenerationRequest, params: SamplingParams) -> Iterator[str]:
         """Text deltas of one reply as they are generated. Text that may be the
         start of a stop string is held back until it is known not to be."""
-        from transformers import TextIteratorStreamer
+        deltas: queue.Queue[str | BaseException | None] = queue.Queue()
+        cancel = threading.Event()
 
-        torch = self._torch
-        input_ids, mask, pixel_values, _ = self._batch([request])
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        failure: list[BaseException] = []
-
-        def run() -> None:
+        def work() -> None:
             try:
-                with torch.inference_mode(), self._seeded(params):
-                    self.model.generate(
-                        input_ids=input_ids,
-                        attention_mask=mask,
-                        streamer=streamer,
-                        **_pixels(pixel_values),
-                        **self._generate_kwargs(params),
-                    )
+                self.run([Row(request, params, on_text=deltas.put, cancel=cancel)], params)
+                deltas.put(None)
             except BaseException as exc:  # re-raised in the consumer
-                failure.append(exc)
-                streamer.end()
+                deltas.put(exc)
 
-        worker = threading.Thread(target=run, name="internvl-generate", daemon=True)
+        worker = threading.Thread(target=work, name="internvl-generate", daemon=True)
         worker.start()
-        stops = self._stop_strings(params)
-        sent = 0
-        text = ""
-        for piece in streamer:
-            text += piece
-            cut, hit = _cut_at_stop(text, stops)
-            if hit:
-                if len(cut) > sent:
-                    yield cut[sent:]
-                break
-            safe = len(text) - _held_back(text, stops)
-            if safe > sent:
-                yield text[sent:safe]
-                sent = safe
-        else:
-            cut, _ = _cut_at_stop(text, stops)
-            if len(cut) > sent:
-                yield cut[sent:]
-        worker.join()
-        if failure:
-            raise failure[0]
+        try:
+            while (item := deltas.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
+            worker.join()
+
+
+@dataclass
+class Row:
+    """One conversation in a batch, with its own limits and its own sink."""
+
+    request: GenerationRequest
+    params: SamplingParams
+    on_text: Callable[[str], None] | None = None
+    cancel: threading.Event | None = None
+
+
+class _RowTracker:
+    """A stopping criterion that follows every row of a batch as tokens are
+    added: it decodes each row, sends new text to its sink (holding back what
+    could begin a stop string) and ends the row at its end token, its stop
+    strings, its `max_tokens` or its cancel event."""
+
+    def __init__(self, engine: TransformersEngine, rows: Sequence[Row], width: int, started: float) -> None:
+        self.engine = engine
+        self.rows = rows
+        self.width = width
+        self.started = started
+        n = len(rows)
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.text = [""] * n
+        self.sent = [0] * n
+        self.reason: list[str | None] = [None] * n
+        self.first_token_s: list[float | None] = [None] * n
+        self.stops = [engine._stop_strings(r.params) for r in rows]
+        self.eos = set(engine.stop_token_ids)
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        torch = self.engine._torch
+        newest = input_ids[:, -1].tolist()
+        done = []
+        for i, row in enumerate(self.rows):
+            if self.reason[i] is None:
+                self._advance(i, row, newest[i])
+            done.append(self.reason[i] is not None)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def _advance(self, i: int, row: Row, token: int) -> None:
+        if self.first_token_s[i] is None:
+            self.first_token_s[i] = time.perf_counter() - self.started
+        if token in self.eos:
+            self.tokens[i].append(token)
+            self._finish(i, row, "stop")
+            return
+        self.tokens[i].append(token)
+        text = self.engine.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
+        self.text[i] = text
+        cut, hit = _cut_at_stop(text, self.stops[i])
+        if hit:
+            self.text[i] = cut
+            self._finish(i, row, "stop")
+            return
+        if len(self.tokens[i]) >= row.params.max_tokens:
+            self._finish(i, row, "length")
+            return
+        if row.cancel is not None and row.cancel.is_set():
+            self._finish(i, row, "cancelled")
+            return
+        if row.on_text is not None and not text.endswith("\ufffd"):  # not in the middle of a character
+            safe = len(text) - _held_back(text, self.stops[i])
+            if safe > self.sent[i]:
+                row.on_text(text[self.sent[i] : safe])
+                self.sent[i] = safe
+
+    def _finish(self, i: int, row: Row, reason: str) -> None:
+        self.reason[i] = reason
+        if reason != "stop" or not self.tokens[i] or self.tokens[i][-1] not in self.eos:
+            self.text[i] = _cut_at_stop(self.text[i], self.stops[i])[0]
+        if row.on_text is not None and len(self.text[i]) > self.sent[i]:
+            row.on_text(self.text[i][self.sent[i] :])
+            self.sent[i] = len(self.text[i])
+
+    def completions(self, prompt_lengths: Sequence[int], elapsed: float) -> list[Completion]:
+        out = []
+        for i, row in enumerate(self.rows):
+            if self.reason[i] is None:  # generate() ended the batch before this row decided
+                self._finish(i, row, "length")
+            timings = {"total_s": elapsed, "load_s": self.engine.load_seconds}
+            if self.first_token_s[i] is not None:
+                timings["first_token_s"] = self.first_token_s[i]  # type: ignore[assignment]
+            out.append(
+                Completion(self.text[i], self.reason[i] or "length", prompt_lengths[i], len(self.tokens[i]), timings)
+            )
+        return out
 
 
 def _pixels(pixel_values: Any) -> dict[str, Any]:

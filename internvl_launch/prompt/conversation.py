@@ -48,6 +48,8 @@ class Media:
 
     kind: MediaKind
     source: Any
+    detail: str | None = None  # OpenAI's image detail: low, high or auto
+    max_tiles: int | None = None  # a per-image tile limit (extension)
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,15 @@ def _parse_content(content: Any, where: str, role: str) -> tuple[str | Media, ..
                 raise ConversationError(f"{pw}.{kind}.url must be a non-empty string.")
             if role != "user":
                 raise ConversationError(f"{pw}: only user messages may carry images or videos.")
-            parts.append(Media("image" if kind == "image_url" else "video", url))
+            detail = ref.get("detail") if isinstance(ref, Mapping) else None
+            if detail is not None and detail not in ("low", "high", "auto"):
+                raise ConversationError(f"{pw}.{kind}.detail is {detail!r}; use low, high or auto.")
+            max_tiles = ref.get("max_tiles") if isinstance(ref, Mapping) else None
+            if max_tiles is not None and (
+                not isinstance(max_tiles, int) or isinstance(max_tiles, bool) or max_tiles < 1
+            ):
+                raise ConversationError(f"{pw}.{kind}.max_tiles must be a positive integer.")
+            parts.append(Media("image" if kind == "image_url" else "video", url, detail, max_tiles))
         else:
             raise ConversationError(f"{pw}.type is {kind!r}; supported part types are text, image_url and video_url.")
     return tuple(parts)

@@ -190,14 +190,30 @@ def _convert_tiles(out: torch.Tensor, tiles: torch.Tensor) -> None:
 
 
 def open_image(image: ImageInput) -> Image.Image:
-    """Decode fully (truncated files raise) and convert to RGB as the reference does."""
+    """Decode fully (truncated files raise) and convert to RGB as the reference does.
+
+    Encoded input (bytes or a path) is checked first: an accepted format, no
+    decompression bomb. Anything unreadable is a `MediaError` whose text names
+    no library internals."""
     if isinstance(image, Image.Image):
         img = image
-    elif isinstance(image, (bytes, bytearray, memoryview)):
-        img = Image.open(io.BytesIO(bytes(image)))
     else:
-        img = Image.open(Path(image))
-    img.load()
+        from internvl_launch.errors import MediaError
+        from internvl_launch.vision.media import image_size
+
+        data = bytes(image) if isinstance(image, (bytes, bytearray, memoryview)) else None
+        name = "The image" if data is not None else f"Image {image}"
+        try:
+            if data is None:
+                data = Path(image).read_bytes()  # type: ignore[arg-type]
+        except OSError:
+            raise MediaError(f"{name} could not be read.") from None
+        image_size(data, name)
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        except Exception:  # truncated or corrupt past the header; Pillow's text is not shown
+            raise MediaError(f"{name} is truncated or corrupt.", hint="Send a complete image file.") from None
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
