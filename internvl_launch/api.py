@@ -28,33 +28,15 @@ from internvl_launch.engines.transformers_engine import (
     TransformersEngine,
 )
 from internvl_launch.environment import probe_environment
-from internvl_launch.errors import EngineUnavailableError, InternVLError
+from internvl_launch.errors import EngineUnavailableError
 from internvl_launch.prompt import Message, Prompt, build_prompt, conversation_media, get_template, parse_messages
 from internvl_launch.registry import Spec, load_registry
 from internvl_launch.request import LaunchRequest
 from internvl_launch.resolver import LaunchPlan, resolve_plan
+from internvl_launch.weights import locate_weights
 
 ImageLike = Any  # path, bytes, PIL image
 History = list[tuple[str, str]]
-
-
-def locate_weights(plan: LaunchPlan, model_path: str | os.PathLike[str] | None = None) -> Path:
-    """Where the plan's weights are on this machine: a local path given by
-    the caller, or the built-in tiny model (generated on first use)."""
-    if model_path is not None:
-        path = Path(model_path)
-        if not (path / "config.json").is_file():
-            raise InternVLError(f"{path} is not a checkpoint directory (no config.json).")
-        return path
-    if plan.hub == "builtin":
-        from internvl_launch.checkpoint.tiny import tiny_checkpoint
-
-        return tiny_checkpoint()
-    raise InternVLError(
-        f"Downloading {plan.hub}: {plan.repo_id} is not available in this version.",
-        hint="Download the checkpoint yourself and pass model_path= (Python) or --model-path, "
-        "or use the built-in internvl-tiny model.",
-    )
 
 
 @dataclass

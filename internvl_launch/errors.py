@@ -91,3 +91,15 @@ class MediaError(InternVLError):
 class ConversationError(InternVLError):
     """A conversation (OpenAI messages) is malformed: unknown role, content of the
     wrong shape, placeholders that do not match the media given."""
+
+
+@dataclass
+class DownloadError(InternVLError):
+    """Weights could not be fetched from any hub. `final` marks failures that
+    another hub cannot fix (offline mode, a gated repository, a bad revision)."""
+
+    final: bool = False
+
+
+class LaunchError(InternVLError):
+    """A server did not come up, or a launched server could not be found or stopped."""

@@ -75,11 +75,23 @@ ENVIRONMENTS: dict[str, Environment] = {
 }
 
 
+_OUTSIDE_VARS = (
+    "HF_HUB_OFFLINE",
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HF_ENDPOINT",
+    "HF_TOKEN",
+    "MODELSCOPE_ENDPOINT",
+    "MODELSCOPE_CACHE",
+    "CUDA_VISIBLE_DEVICES",
+)
+
+
 @pytest.fixture(autouse=True)
 def isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path_factory.mktemp("home")
     for var in list(os.environ):
-        if var.startswith("INTERNVL_") or var in ("HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES"):
+        if var.startswith("INTERNVL_") or var in _OUTSIDE_VARS:
             monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))

@@ -15,10 +15,12 @@ import click
 
 from internvl_launch.errors import (
     ConversationError,
+    DownloadError,
     EngineUnavailableError,
     EnvironmentFileError,
     InternVLError,
     InvalidSpecError,
+    LaunchError,
     MediaError,
     NoMatchingSpecError,
     NotEnoughMemoryError,
@@ -35,6 +37,8 @@ EXIT_NOT_ENOUGH_MEMORY = 6
 EXIT_INVALID_SPEC = 7
 EXIT_BAD_ENVIRONMENT_FILE = 8
 EXIT_BAD_INPUT = 9
+EXIT_DOWNLOAD = 10
+EXIT_LAUNCH = 11
 
 #: (error class, exit code, what the code means) - the documented table.
 EXIT_CODES: tuple[tuple[type[BaseException] | None, int, str], ...] = (
@@ -53,6 +57,12 @@ EXIT_CODES: tuple[tuple[type[BaseException] | None, int, str], ...] = (
     (EnvironmentFileError, EXIT_BAD_ENVIRONMENT_FILE, "an --environment file could not be read"),
     (MediaError, EXIT_BAD_INPUT, "an input image, video or messages file is unreadable, corrupt or over a limit"),
     (ConversationError, EXIT_BAD_INPUT, "the conversation (messages) is malformed"),
+    (
+        DownloadError,
+        EXIT_DOWNLOAD,
+        "the weights could not be fetched (hub unreachable, not found, offline with a cold cache)",
+    ),
+    (LaunchError, EXIT_LAUNCH, "the server did not become ready, or a launched server could not be found or stopped"),
 )
 
 _ORDERED = sorted(

@@ -1,0 +1,69 @@
+"""From a plan to a directory of weights an engine can load: a local path the
+user gave, the built-in tiny model, or a hub download; then the layout check
+(original-layout checkpoints need conversion to the native one)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from internvl_launch.errors import InternVLError
+from internvl_launch.hub import Notify, download
+from internvl_launch.resolver import LaunchPlan
+
+NATIVE_ARCHITECTURES = ("InternVLForConditionalGeneration",)
+ORIGINAL_ARCHITECTURES = ("InternVLChatModel",)
+
+
+def checkpoint_layout(path: Path) -> str:
+    """`native` or `original`, from the checkpoint's config.json."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise InternVLError(f"{path} has no readable config.json.", hint="Point at a checkpoint directory.") from err
+    archs = config.get("architectures") or []
+    if any(a in NATIVE_ARCHITECTURES for a in archs):
+        return "native"
+    if any(a in ORIGINAL_ARCHITECTURES for a in archs) or "llm_config" in config:
+        return "original"
+    raise InternVLError(
+        f"{path} is not an InternVL checkpoint: its config names {archs or 'no architecture'}.",
+        hint="Expected InternVLForConditionalGeneration (native) or InternVLChatModel (original).",
+    )
+
+
+def locate_weights(
+    plan: LaunchPlan,
+    model_path: str | os.PathLike[str] | None = None,
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    notify: Notify | None = None,
+) -> Path:
+    """Where the plan's weights are on this machine, fetching them if needed."""
+    if model_path is not None:
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise InternVLError(f"{path} is not a checkpoint directory (no config.json).")
+    elif plan.hub == "builtin":
+        from internvl_launch.checkpoint.tiny import tiny_checkpoint
+
+        return tiny_checkpoint()
+    else:
+        fetched = download(
+            [(plan.hub, plan.repo_id), *plan.fallback],
+            revision=plan.revision,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+            notify=notify,
+        )
+        path = fetched.path
+    if checkpoint_layout(path) == "original" and not (plan.engine == "vllm" and trust_remote_code):
+        raise InternVLError(
+            f"{path} is in the original InternVLChatModel layout; converting it to the Transformers-native "
+            "layout is not available in this version.",
+            hint="Use a native-layout checkpoint (InternVLForConditionalGeneration), or serve this one with "
+            "its own code: --model-engine vllm --trust-remote-code.",
+        )
+    return path

@@ -1,0 +1,134 @@
+"""Downloads through the real `huggingface_hub` client against a stand-in Hub
+on loopback: which files are fetched, revisions, resume, offline mode,
+fallback, and `internvl download` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from standin_hub import StandInHub
+
+from internvl_launch.checkpoint.tiny import TinyConfig, generate_tiny
+from internvl_launch.errors import DownloadError
+from internvl_launch.hub import download, select_files
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    ckpt = generate_tiny(tmp_path_factory.mktemp("hubtiny") / "ckpt", TinyConfig())
+    files = {str(p.relative_to(ckpt)): p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
+    files["README.md"] = b"# tiny\n"
+    files["modeling_internvl_chat.py"] = b"raise SystemExit('remote code ran')\n"
+    files["training_args.bin"] = b"\x80\x04pickle"
+    return files
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> StandInHub:
+    with StandInHub() as h:
+        monkeypatch.setenv("HF_ENDPOINT", h.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        yield h
+
+
+def test_fetches_only_what_the_engine_needs(hub: StandInHub, tiny_files: dict[str, bytes]) -> None:
+    hub.add_repo("OpenGVLab/Tiny", tiny_files)
+    lines: list[str] = []
+    got = download([("huggingface", "OpenGVLab/Tiny")], notify=lines.append, progress=False)
+    names = sorted(str(p.relative_to(got.path)) for p in got.path.rglob("*") if p.is_file())
+    assert "model.safetensors" in names and "config.json" in names and "tokenizer.json" in names
+    assert not {"README.md", "modeling_internvl_chat.py", "training_args.bin"} & set(names)
+    assert (got.path / "model.safetensors").read_bytes() == tiny_files["model.safetensors"]
+    assert got.path.is_relative_to(Path(os.environ["HF_HOME"]))
+    assert any("fetching" in line for line in lines) and lines[-1].startswith("fetched ")
+    code = download([("huggingface", "OpenGVLab/Tiny")], trust_remote_code=True, progress=False)
+    assert "modeling_internvl_chat.py" in code.files
+
+
+def test_revision_is_honoured_for_every_file(hub: StandInHub, tiny_files: dict[str, bytes]) -> None:
+    old = hub.add_repo("OpenGVLab/Tiny", {**tiny_files, "config.json": b'{"old": true}'}, branch="v1")
+    hub.add_repo("OpenGVLab/Tiny", tiny_files)
+    got = download([("huggingface", "OpenGVLab/Tiny")], revision="v1", progress=False)
+    assert json.loads((got.path / "config.json").read_text()) == {"old": True}
+    resolves = [path for method, path, _ in hub.requests if "/resolve/" in path]
+    assert resolves and all(f"/resolve/{old}/" in path for path in resolves)
+
+
+def test_interrupted_transfer_resumes_with_a_range_request(hub: StandInHub, tiny_files: dict[str, bytes]) -> None:
+    big = os.urandom(24 * 2**20)
+    hub.add_repo("OpenGVLab/Tiny", {**tiny_files, "model-00002-of-00002.safetensors": big})
+    hub.cut_after["model-00002-of-00002.safetensors"] = 12 * 2**20
+    got = download([("huggingface", "OpenGVLab/Tiny")], progress=False)
+    assert (got.path / "model-00002-of-00002.safetensors").read_bytes() == big
+    ranges = hub.file_gets("model-00002-of-00002.safetensors")
+    assert ranges[0] is None and ranges[1] is not None and ranges[1].startswith("bytes=")
+    assert int(ranges[1].split("=")[1].rstrip("-")) > 0
+
+
+def test_offline_warm_cache_starts_and_cold_cache_names_the_repo(
+    hub: StandInHub, tiny_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub.add_repo("OpenGVLab/Tiny", tiny_files)
+    online = download([("huggingface", "OpenGVLab/Tiny")], progress=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = len(hub.requests)
+    offline = download([("huggingface", "OpenGVLab/Tiny")], progress=False)
+    assert offline.path == online.path and len(hub.requests) == before
+    with pytest.raises(DownloadError) as err:
+        download([("huggingface", "OpenGVLab/Other"), ("modelscope", "OpenGVLab/Other")], progress=False)
+    assert "OpenGVLab/Other" in err.value.message and "HF_HUB_OFFLINE" in (err.value.hint or "")
+    assert len(hub.requests) == before
+
+
+def test_falls_back_to_the_next_source_and_says_so(hub: StandInHub, tiny_files: dict[str, bytes]) -> None:
+    hub.add_repo("Mirror/Tiny", tiny_files)
+    lines: list[str] = []
+    got = download([("huggingface", "Gone/Tiny"), ("huggingface", "Mirror/Tiny")], notify=lines.append, progress=False)
+    assert got.repo_id == "Mirror/Tiny" and got.notes
+    assert any("Gone/Tiny failed" in line and "trying huggingface: Mirror/Tiny" in line for line in lines)
+
+
+def test_missing_repo_and_revision(hub: StandInHub, tiny_files: dict[str, bytes]) -> None:
+    hub.add_repo("OpenGVLab/Tiny", tiny_files)
+    with pytest.raises(DownloadError, match="not found"):
+        download([("huggingface", "OpenGVLab/Nope")], progress=False)
+    with pytest.raises(DownloadError, match="Revision 'nope'"):
+        download([("huggingface", "OpenGVLab/Tiny")], revision="nope", progress=False)
+
+
+def test_pickle_only_weights_are_refused_unless_allowed() -> None:
+    names = ["config.json", "pytorch_model.bin", "tokenizer.json"]
+    with pytest.raises(DownloadError, match="pickle"):
+        select_files(names)
+    assert "pytorch_model.bin" in select_files(names, allow_pickle=True)
+    assert "pytorch_model.bin" not in select_files([*names, "model.safetensors"], allow_pickle=True)
+    with pytest.raises(DownloadError, match="no weight files"):
+        select_files(["config.json"])
+
+
+def test_download_command_end_to_end(hub: StandInHub, tiny_files: dict[str, bytes], tmp_path: Path) -> None:
+    hub.add_repo("test/tiny-hub", tiny_files)
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "tiny-hub.yaml").write_text(
+        Path(__file__)
+        .parent.parent.joinpath("specs", "internvl-tiny.yaml")
+        .read_text()
+        .replace("name: internvl-tiny", "name: tiny-hub")
+        .replace("aliases: [tiny, internvl-tiny-random]", "aliases: []")
+        .replace("hubs: {builtin: internvl-tiny}", "hubs: {huggingface: test/tiny-hub}")
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "internvl_launch", "download", "-n", "tiny-hub", "--specs-dir", str(specs)]
+    done = subprocess.run([*command, "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["hub"] == "huggingface" and data["repo_id"] == "test/tiny-hub" and Path(data["path"]).is_dir()
+    assert "fetched" in done.stderr  # plain progress lines when stderr is not a terminal
+    missing = subprocess.run([*command, "--revision", "nope"], capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode == 10 and "Revision 'nope'" in missing.stderr
