@@ -9,7 +9,7 @@ import sys
 import click
 
 from internvl_launch import __version__
-from internvl_launch.cli import chat_command, env_command, plan_commands, registry_commands
+from internvl_launch.cli import chat_command, env_command, plan_commands, registry_commands, serve_commands
 from internvl_launch.cli._errors import EXIT_INTERNAL, report
 from internvl_launch.errors import InternVLError
 
@@ -33,7 +33,10 @@ for command in (
     registry_commands.show_command,
     registry_commands.validate_command,
     plan_commands.resolve_command,
-    plan_commands.launch_command,
+    serve_commands.launch_command,
+    serve_commands.ps_command,
+    serve_commands.stop_command,
+    serve_commands.download_command,
     chat_command.chat_command,
     env_command.env_command,
 ):

@@ -9,7 +9,6 @@ import click
 from internvl_launch.cli._options import json_option, model_options
 from internvl_launch.cli._output import emit_json
 from internvl_launch.environment import Environment, load_environment, probe_environment
-from internvl_launch.errors import InternVLError
 from internvl_launch.registry import load_registry
 from internvl_launch.request import LaunchRequest
 from internvl_launch.resolver import ENGINE_RULES, LaunchPlan, resolve_plan
@@ -116,24 +115,6 @@ def resolve_command(as_json: bool, explain: bool, **flags: Any) -> None:
         render_plan(plan, env, explain)
 
 
-@click.command("launch")
-@model_options
-@json_option
-@click.option("--dry-run", is_flag=True, help="Print the plan (as `resolve --explain`) and stop.")
-def launch_command(as_json: bool, dry_run: bool, **flags: Any) -> None:
-    """Launch a model behind an OpenAI-compatible server.
-
-    In this version only --dry-run is available: it prints the plan that a
-    launch would follow (as `resolve --explain`) and stops.
-    """
-    plan, env = plan_from_flags(flags)
-    if dry_run:
-        if as_json:
-            emit_json(_plan_json(plan, env, True))
-        else:
-            render_plan(plan, env, True)
-        return
-    raise InternVLError(
-        "Serving is not available in this version of internvl-launch; only the plan can be shown.",
-        hint="Add --dry-run to see what the launch would do.",
-    )
+def launch_plan_json(plan: LaunchPlan, env: Environment) -> dict[str, Any]:
+    """What `launch --dry-run --json` prints: the plan with its explanation."""
+    return _plan_json(plan, env, True)
