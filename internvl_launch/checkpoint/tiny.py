@@ -26,7 +26,7 @@ from typing import Any
 from internvl_launch.paths import cache_dir
 
 #: Bump when the generated files change: it moves the cache key.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -45,6 +45,7 @@ SPECIAL_TOKENS = (
     "</ref>",
     "<box>",
     "</box>",
+    "<video>",
 )
 
 _CORPUS = """\
@@ -114,8 +115,10 @@ def train_tokenizer(config: TinyConfig) -> Any:
 
 def _chat_template(template: str) -> str:
     """A Jinja chat template writing the same prompt as `internvl_launch.prompt`
-    for text and images (an image part becomes `<IMG_CONTEXT>`, which
-    processors expand), so that other engines reading the checkpoint agree."""
+    for text, images and video (an image part becomes `<IMG_CONTEXT>`, with
+    `Image-N: ` before it when the conversation has several; a video part
+    becomes `<video>`; processors expand both), so that other engines reading
+    the checkpoint agree."""
     if template == "phi3-chat":
         sys_open, user, assistant, sep = "<|system|>\n", "<|user|>\n", "<|assistant|>\n", "<|end|>"
     else:
@@ -123,6 +126,10 @@ def _chat_template(template: str) -> str:
         sep = "<|im_end|>\n" if template == "internvl2_5" else "<|im_end|>"
     return (
         "{%- set sep = " + json.dumps(sep) + " -%}"
+        "{%- set ns = namespace(images=0, seen=0) -%}"
+        "{%- for m in messages if m['content'] is not string -%}"
+        "{%- for p in m['content'] if p['type'] in ['image', 'image_url'] -%}{%- set ns.images = ns.images + 1 -%}"
+        "{%- endfor -%}{%- endfor -%}"
         "{%- if messages[0]['role'] == 'system' -%}"
         "{{ " + json.dumps(sys_open) + " }}{{ messages[0]['content'] if messages[0]['content'] is string "
         "else messages[0]['content'][0]['text'] }}{{ sep }}"
@@ -134,7 +141,10 @@ def _chat_template(template: str) -> str:
         "{%- else -%}{{ " + json.dumps(assistant) + " }}{%- endif -%}"
         "{%- if m['content'] is string -%}{{ m['content'] }}"
         "{%- else -%}"
-        "{%- for p in m['content'] if p['type'] in ['image', 'image_url'] -%}{{ '<IMG_CONTEXT>\\n' }}{%- endfor -%}"
+        "{%- for p in m['content'] if p['type'] in ['image', 'image_url', 'video', 'video_url'] -%}"
+        "{%- if p['type'] in ['video', 'video_url'] -%}{{ '<video>\\n' }}"
+        "{%- elif ns.images > 1 -%}{%- set ns.seen = ns.seen + 1 -%}{{ 'Image-' ~ ns.seen ~ ': <IMG_CONTEXT>\\n' }}"
+        "{%- else -%}{{ '<IMG_CONTEXT>\\n' }}{%- endif -%}{%- endfor -%}"
         "{%- for p in m['content'] if p['type'] == 'text' -%}{{ p['text'] }}{%- endfor -%}"
         "{%- endif -%}{{ sep }}"
         "{%- endfor -%}"
@@ -210,10 +220,51 @@ def generate_tiny(directory: str | os.PathLike[str], config: TinyConfig = TinyCo
     )
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    write_processor_files(out)
     (out / "internvl_launch.json").write_text(
         json.dumps({"generator": GENERATOR_VERSION, "config": asdict(config)}, indent=2, sort_keys=True)
     )
     return out
+
+
+#: The tokens Transformers' InternVL processor looks up by name on the tokenizer.
+NAMED_IMAGE_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+
+
+def write_processor_files(out: Path, max_tiles: int = 12) -> None:
+    """The processor files of a native InternVL checkpoint, so that engines
+    that preprocess through Transformers' `InternVLProcessor` (vLLM) load it:
+    the named image tokens on the tokenizer, the image processor's settings
+    (448-pixel tiles, ImageNet mean and std, bicubic, up to `max_tiles`
+    tiles plus the thumbnail) and the 256 tokens per tile."""
+    path = out / "tokenizer_config.json"
+    tok_cfg = json.loads(path.read_text())
+    tok_cfg.update(NAMED_IMAGE_TOKENS)
+    path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+    image = {
+        "image_processor_type": "GotOcr2ImageProcessorFast",
+        "processor_class": "InternVLProcessor",
+        "crop_to_patches": True,
+        "min_patches": 1,
+        "max_patches": max_tiles,
+        "size": {"height": 448, "width": 448},
+        "do_resize": True,
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+        "do_convert_rgb": True,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(image, indent=2) + "\n")
+    processor = {"processor_class": "InternVLProcessor", "image_seq_length": 256}
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 
 
 def tiny_checkpoint(config: TinyConfig = TinyConfig()) -> Path:
