@@ -10,13 +10,13 @@ PIP := $(PY) -m pip
 # transformers imports next to CPU torch).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv dev test test-vllm demo bench-cli bench-preprocess bench-serve docs lint clean
+.PHONY: venv dev test test-vllm fuzz demo bench-cli bench-preprocess bench-serve bench-load soak docs lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e '.[dev,transformers,quant,serve,hub]'
+	$(PIP) install -q -e '.[dev,transformers,quant,serve,hub,modelscope]'
 	! $(PY) -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torchvision") is None)' || \
 		(echo "torchvision must not be installed next to CPU torch" >&2; exit 1)
 	touch $@
@@ -25,6 +25,10 @@ venv dev: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# Schema fuzzing with a larger budget than the test suite's (250 per operation).
+fuzz: $(VENV)/.installed
+	FUZZ_EXAMPLES=2000 $(PY) -m pytest -q tests/test_fuzz.py
 
 # vLLM's CPU build in its own environment (it pins its own torch and
 # transformers). Kept between runs on the same machine, keyed by version; the
@@ -66,6 +70,12 @@ clean:
 
 bench-preprocess: $(VENV)/.installed
 	$(PY) benchmarks/bench_preprocess.py
+
+bench-load: $(VENV)/.installed
+	$(PY) benchmarks/bench_load.py
+
+soak: $(VENV)/.installed
+	$(PY) benchmarks/bench_load.py --soak 600 --clients 8
 
 bench-serve: $(VENV)/.installed $(VLLM_VENV)/.installed
 	PYTHONPATH=$(VLLM_SUPPORT) $(PY) benchmarks/bench_serve.py --vllm-python $(VLLM_VENV)/bin/python

@@ -100,8 +100,12 @@ class CountingListener:
     body): proves that a refused URL was never dialled, and serves the URLs a
     test allows."""
 
-    def __init__(self, body: bytes = b"", content_type: str = "image/png", drip: float | None = None) -> None:
+    def __init__(
+        self, body: bytes = b"", content_type: str = "image/png", drip: float | None = None, chunk: int = 1
+    ) -> None:
+        """`drip`: seconds between chunks of `chunk` bytes, sent without a Content-Length."""
         self.body = body
+        self.chunk = chunk
         self.content_type = content_type
         self.drip = drip
         self.connections = 0
@@ -129,8 +133,8 @@ class CountingListener:
                     if listener.drip is None:
                         self.wfile.write(listener.body)
                     else:
-                        for b in listener.body:
-                            self.wfile.write(bytes([b]))
+                        for i in range(0, len(listener.body), listener.chunk):
+                            self.wfile.write(listener.body[i : i + listener.chunk])
                             self.wfile.flush()
                             time.sleep(listener.drip)
                 except (BrokenPipeError, ConnectionResetError):

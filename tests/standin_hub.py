@@ -170,3 +170,92 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+
+
+@dataclass
+class StandInModelScope:
+    """A stand-in for ModelScope's API on loopback: the file listing
+    (`/api/v1/models/{id}/repo/files`) and file downloads
+    (`/api/v1/models/{id}/repo?Revision=...&FilePath=...`), enough for the
+    `modelscope` client's `snapshot_download` pointed at it by
+    MODELSCOPE_ENDPOINT."""
+
+    repos: dict[str, Repo] = field(default_factory=dict)
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    _server: ThreadingHTTPServer | None = None
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes], *, branch: str = "master") -> str:
+        sha = hashlib.sha1(repr(sorted(files)).encode() + b"".join(files[k] for k in sorted(files))).hexdigest()
+        repo = self.repos.setdefault(repo_id, Repo({}, {}))
+        repo.commits[sha] = dict(files)
+        repo.refs[branch] = sha
+        return sha
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> StandInModelScope:
+        hub = self
+
+        class Handler(_ModelScopeHandler):
+            state = hub
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _ModelScopeHandler(BaseHTTPRequestHandler):
+    state: StandInModelScope
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        from urllib.parse import parse_qs
+
+        parts = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        self.state.requests.append((parts.path, parts.query))
+        m = re.fullmatch(r"/api/v1/models/([^/]+/[^/]+)/repo(/files)?", unquote(parts.path))
+        if not m:
+            return self._json(404, {"Code": 404, "Message": "not found", "Success": False})
+        repo = self.state.repos.get(m.group(1))
+        rev = query.get("Revision", "master")
+        sha = repo.refs.get(rev, rev) if repo else None
+        if repo is None or sha not in repo.commits:
+            return self._json(404, {"Code": 10010205001, "Message": "model or revision not found", "Success": False})
+        files = repo.commits[sha]
+        if m.group(2):
+            entries = [
+                {"Name": n.rsplit("/", 1)[-1], "Path": n, "Type": "blob", "Size": len(b), "Revision": sha,
+                 "Sha256": hashlib.sha256(b).hexdigest()}
+                for n, b in sorted(files.items())
+            ]  # fmt: skip
+            return self._json(200, {"Code": 200, "Success": True, "Data": {"Files": entries}})
+        body = files.get(query.get("FilePath", ""))
+        if body is None:
+            return self._json(404, {"Code": 404, "Message": "file not found", "Success": False})
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)

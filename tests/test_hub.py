@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from standin_hub import StandInHub
+from standin_hub import StandInHub, StandInModelScope
 
 from internvl_launch.checkpoint.tiny import TinyConfig, generate_tiny
 from internvl_launch.errors import DownloadError
@@ -132,3 +132,35 @@ def test_download_command_end_to_end(hub: StandInHub, tiny_files: dict[str, byte
     assert "fetched" in done.stderr  # plain progress lines when stderr is not a terminal
     missing = subprocess.run([*command, "--revision", "nope"], capture_output=True, text=True, env=env, timeout=120)
     assert missing.returncode == 10 and "Revision 'nope'" in missing.stderr
+
+
+# --- ModelScope, through the real modelscope client ---------------------------------
+
+
+@pytest.fixture
+def modelscope(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> StandInModelScope:
+    with StandInModelScope() as ms:
+        monkeypatch.setenv("MODELSCOPE_ENDPOINT", ms.url)
+        monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms"))
+        yield ms
+
+
+def test_modelscope_download_and_fallback_from_huggingface(
+    hub: StandInHub, modelscope: StandInModelScope, tiny_files: dict[str, bytes]
+) -> None:
+    modelscope.add_repo("OpenGVLab/Tiny", tiny_files)
+    got = download([("modelscope", "OpenGVLab/Tiny")], progress=False)
+    names = {str(p.relative_to(got.path)) for p in got.path.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= names
+    assert not {"README.md", "modeling_internvl_chat.py", "training_args.bin"} & names
+    assert (got.path / "model.safetensors").read_bytes() == tiny_files["model.safetensors"]
+    lines: list[str] = []
+    fell = download([("huggingface", "OpenGVLab/Tiny"), ("modelscope", "OpenGVLab/Tiny")], notify=lines.append)
+    assert fell.hub == "modelscope"
+    assert any("huggingface: OpenGVLab/Tiny failed" in ln and "trying modelscope" in ln for ln in lines)
+    with pytest.raises(DownloadError, match="ModelScope"):
+        download([("modelscope", "OpenGVLab/Missing")], progress=False)
+    modelscope.add_repo("OpenGVLab/Tiny", {**tiny_files, "config.json": b'{"old": true}'}, branch="v1")
+    pinned = download([("modelscope", "OpenGVLab/Tiny")], revision="v1", progress=False)
+    assert json.loads((pinned.path / "config.json").read_text()) == {"old": True}
+    assert all("Revision=v1" in q for path, q in modelscope.requests[-3:])

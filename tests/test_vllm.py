@@ -120,6 +120,9 @@ def test_child_killed_while_serving_fails_the_launch(tmp_path: Path) -> None:
     os.kill(ready["engine_pid"], signal.SIGKILL)
     _out, err = launcher.communicate(timeout=60)
     assert launcher.returncode == 11 and "vLLM exited with code -9 while serving" in err
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):  # nothing of vLLM's process group is left behind
+        os.killpg(ready["engine_pid"], 0)
     listed = subprocess.run(
         [sys.executable, "-m", "internvl_launch", "ps", "--json"], capture_output=True, text=True, env=env
     )

@@ -133,6 +133,13 @@ def serve_options(f: Any) -> Any:
             multiple=True,
             help="Only fetch media URLs from this domain (and its subdomains). Repeatable.",
         ),
+        click.option(
+            "--media-timeout",
+            type=click.FloatRange(min=0.1),
+            default=15.0,
+            show_default=True,
+            help="Seconds one media URL may take to fetch, redirects included.",
+        ),
         click.option("--allowed-origin", "allowed_origins", multiple=True, help="CORS origin to allow. Repeatable."),
         click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code (opt-in)."),
         click.option(
@@ -208,6 +215,7 @@ def launch_command(ctx: click.Context, as_json: bool, dry_run: bool, engine_args
         allow_private_media=flags["allow_private_media_urls"],
         allowed_media_domains=tuple(flags["allowed_media_domains"]),
         allowed_origins=tuple(flags["allowed_origins"]),
+        media_timeout=flags["media_timeout"],
         drain_timeout=flags["drain_timeout"],
         start_timeout=flags["start_timeout"],
         trust_remote_code=flags["trust_remote_code"],

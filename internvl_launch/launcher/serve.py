@@ -44,6 +44,7 @@ class ServeOptions:
     allow_private_media: bool = False
     allowed_media_domains: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
+    media_timeout: float = 15.0
     drain_timeout: float = 30.0
     start_timeout: float = 600.0
     trust_remote_code: bool = False
@@ -139,6 +140,7 @@ def serve_transformers(
             allow_private=options.allow_private_media,
             allowed_domains=options.allowed_media_domains,
             allowed_local_dir=options.allowed_local_media_path,
+            timeout_s=options.media_timeout,
         )
     )
     name = options.name(plan)

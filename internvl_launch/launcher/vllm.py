@@ -204,6 +204,7 @@ def serve_vllm(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         remove_record(record.id)
+        _reap_group(child.pid)
         pump.join(5)
     if stop_requested:
         say(f"vLLM stopped (exit code {code})")
@@ -269,6 +270,13 @@ def _warm_up(base: str, name: str, api_key: str | None) -> float:
             f"The warm-up request with an image failed: vLLM answered HTTP {r.status_code}: {r.text[:300]}"
         )
     return time.perf_counter() - started
+
+
+def _reap_group(pgid: int) -> None:
+    """vLLM leaves helpers (its multiprocessing resource tracker) in its
+    process group after it exits; end them with it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGTERM)
 
 
 def _terminate(child: subprocess.Popen[bytes], timeout: float) -> None:

@@ -372,6 +372,11 @@ def create_app(service: ChatService, config: ServerConfig, metrics: Metrics | No
 def _refuse_unsupported(body: ChatCompletionRequest) -> None:
     if body.n not in (None, 1):
         raise ConversationError("n > 1 is not supported; send separate requests.")
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if body.min_tokens and asked is not None and body.min_tokens > asked:
+        raise ConversationError(f"min_tokens ({body.min_tokens}) is larger than max_tokens ({asked}).")
+    if body.min_tokens:
+        raise ConversationError("min_tokens is not supported by this server; leave it at 0.")
     if body.logprobs:
         raise ConversationError("logprobs are not supported by this server.")
     if body.presence_penalty or body.frequency_penalty:
@@ -425,32 +430,36 @@ class _BodyLimitMiddleware:
             await _send_error(send, 413, f"The request body is over the {self.limit // 2**20} MiB limit.")
             return
         seen = 0
-        responded = False
+        started = False  # the app began its response
+        refused = False  # we answered 413 ourselves
 
         async def limited_receive() -> Any:
-            nonlocal seen
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge
+                if seen > self.limit and not started:
+                    # Answer now and tell the app the client is gone, so it stops reading.
+                    refused = True
+                    await _send_error(send, 413, f"The request body is over the {self.limit // 2**20} MiB limit.")
+                    return {"type": "http.disconnect"}
             return message
 
-        async def tracking_send(message: Any) -> None:
-            nonlocal responded
+        async def guarded_send(message: Any) -> None:
+            nonlocal started
+            if refused:
+                return
             if message["type"] == "http.response.start":
-                responded = True
+                started = True
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not responded:
-                await _send_error(send, 413, f"The request body is over the {self.limit // 2**20} MiB limit.")
-
-
-class _BodyTooLarge(Exception):
-    pass
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not refused:
+                raise
 
 
 class _ApiKeyMiddleware:

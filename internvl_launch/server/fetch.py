@@ -11,8 +11,9 @@ resource attack:
   characters are refused rather than interpreted.
 - The host is resolved once. Every address it resolves to must be public
   (not loopback, private, link-local, multicast, reserved or unspecified;
-  IPv4-mapped IPv6 is judged by its IPv4 address), unless private targets
-  were allowed. The connection then goes to that very address, with the
+  IPv4-mapped IPv6 is judged by its IPv4 address). Allowing private targets
+  opens loopback and private ranges, never link-local (cloud metadata),
+  multicast, unspecified or reserved ones. The connection then goes to that very address, with the
   original Host header and TLS server name, so a second DNS answer cannot
   move it.
 - Redirects are followed by hand, at most `max_redirects` times, and every
@@ -62,6 +63,19 @@ def is_public(address: IPAddress) -> bool:
         if address.sixtofour is not None or address.teredo is not None:
             return False
     return address.is_global and not address.is_multicast
+
+
+def is_refused(address: IPAddress, allow_private: bool) -> bool:
+    """Whether a media fetch may not dial `address`. Allowing private targets
+    opens loopback and private ranges only: link-local (the cloud metadata
+    address), multicast, unspecified and reserved addresses stay refused."""
+    if is_public(address):
+        return False
+    if not allow_private:
+        return True
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_link_local or address.is_multicast or address.is_unspecified or address.is_reserved
 
 
 def _literal_address(host: str) -> IPAddress | None:
@@ -159,13 +173,12 @@ class MediaFetcher:
             addresses = [literal]
         else:
             addresses = await self._resolve(host, port, kind)
-        if not self.policy.allow_private:
-            for address in addresses:
-                if not is_public(address):
-                    raise RefusedMedia(
-                        f"{kind.capitalize()} URL {describe(url)} points at a private or local address; refused.",
-                        hint="Media URLs must reach public addresses (the operator can allow private ones).",
-                    )
+        for address in addresses:
+            if is_refused(address, self.policy.allow_private):
+                raise RefusedMedia(
+                    f"{kind.capitalize()} URL {describe(url)} points at a private or local address; refused.",
+                    hint="Media URLs must reach public addresses (the operator can allow private ones).",
+                )
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query

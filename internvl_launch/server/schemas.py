@@ -72,6 +72,7 @@ class ChatCompletionRequest(_Loose):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     n: int | None = Field(default=None, ge=1, le=128)
+    min_tokens: int | None = Field(default=None, ge=0, description="Extension (vLLM's name); only 0 is supported.")
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stream: bool | None = False
