@@ -187,9 +187,11 @@ def load(
     model_path: str | os.PathLike[str] | None = None,
     max_tiles: int | None = None,
     specs_dirs: Sequence[str] = (),
+    memory_check: bool | None = None,
 ) -> InternVLModel:
     """Resolve the model as `internvl resolve` would (Transformers engine),
-    find its weights and load it."""
+    find its weights and load it. The memory check is skipped for a local
+    `model_path` unless `memory_check` says otherwise."""
     from internvl_launch.request import parse_size
 
     request = LaunchRequest(
@@ -199,7 +201,7 @@ def load(
         quantization=quantization,
         engine="transformers",
         device=device,  # type: ignore[arg-type]
-        memory_check=model_path is None,
+        memory_check=(model_path is None) if memory_check is None else memory_check,
     )
     plan = resolve_plan(load_registry(specs_dirs), request, probe_environment())
     if plan.quantization not in ("none", "8-bit", "4-bit"):

@@ -214,6 +214,7 @@ def _generate(
         model_path=model_path,
         max_tiles=max_tiles,
         specs_dirs=flags["specs_dirs"],
+        memory_check=not flags["no_memory_check"],
     )
     loaded = time.perf_counter()
     request = model.prepare_messages(messages, max_tiles=max_tiles, num_frames=num_frames, base_dir=base_dir)
