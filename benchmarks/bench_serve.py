@@ -88,7 +88,13 @@ async def one(client: AsyncOpenAI, model: str, i: int, size: tuple[int, int], ma
 async def workload(
     url: str, model: str, concurrency: int, n: int, size: tuple[int, int], max_tokens: int, offset: int
 ) -> dict[str, Any]:
-    client = AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
+    async with AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600) as client:
+        return await _workload(client, model, concurrency, n, size, max_tokens, offset)
+
+
+async def _workload(
+    client: AsyncOpenAI, model: str, concurrency: int, n: int, size: tuple[int, int], max_tokens: int, offset: int
+) -> dict[str, Any]:
     queue = list(range(offset, offset + n))
     results: list[dict[str, float]] = []
 

@@ -222,3 +222,8 @@ def test_light_commands_import_no_heavy_stack() -> None:
 def test_help_and_version_exit_0(run_cli: Run, args: list[str]) -> None:
     code, out, _ = run_cli(*args)
     assert code == 0 and out
+
+
+def test_nodes_need_the_vllm_engine(run_cli: Run, env_file: Callable[[str], str]) -> None:
+    code, out, err = run_cli("launch", "-n", "internvl-tiny", "--nodes", "2", "--environment", env_file("no-gpu"))
+    assert code == 5 and out == "" and "--nodes" in err and "--model-engine vllm" in err

@@ -62,6 +62,9 @@ def test_awq_tensor_parallel_and_passthrough() -> None:
     assert big.tensor_parallel_size > 1
     command = vllm_command(big, Path("/w"), ServeOptions(), 8000)
     assert flag(command, "--tensor-parallel-size") == str(big.tensor_parallel_size)
+    ray = vllm_command(big, Path("/w"), ServeOptions(nodes=2), 8000)
+    assert flag(ray, "--pipeline-parallel-size") == "2" and flag(ray, "--distributed-executor-backend") == "ray"
+    assert "--distributed-executor-backend" not in command
     with pytest.raises(LaunchError, match="--port is set by internvl launch"):
         vllm_command(awq, Path("/w"), ServeOptions(vllm_args=("--port=1",)), 8000)
 

@@ -141,6 +141,13 @@ def serve_options(f: Any) -> Any:
             help="Seconds one media URL may take to fetch, redirects included.",
         ),
         click.option("--allowed-origin", "allowed_origins", multiple=True, help="CORS origin to allow. Repeatable."),
+        click.option(
+            "--nodes",
+            type=click.IntRange(1, 1024),
+            default=1,
+            show_default=True,
+            help="vLLM only: machines of a running Ray cluster to spread the model over (one pipeline stage each).",
+        ),
         click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code (opt-in)."),
         click.option(
             "--allow-pickle", is_flag=True, help="Allow pickle (*.bin) weights when there are no safetensors."
@@ -221,11 +228,17 @@ def launch_command(ctx: click.Context, as_json: bool, dry_run: bool, engine_args
         trust_remote_code=flags["trust_remote_code"],
         allow_pickle=flags["allow_pickle"],
         vllm_args=engine_args,
+        nodes=flags["nodes"],
     )
 
     def say(message: str) -> None:
         note(f"internvl: {message}")
 
+    if plan.engine == "transformers" and flags["nodes"] > 1:
+        raise EngineUnavailableError(
+            "--nodes spreads a model over several machines with vLLM and Ray; the Transformers engine runs on one.",
+            hint="Pass --model-engine vllm (with a Ray cluster running), or drop --nodes.",
+        )
     if plan.engine == "transformers" and plan.quantization not in ("none", "8-bit", "4-bit"):
         raise EngineUnavailableError(
             f"The Transformers engine cannot serve quantization {plan.quantization}.",

@@ -50,6 +50,7 @@ class ServeOptions:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     vllm_args: tuple[str, ...] = ()
+    nodes: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def name(self, plan: LaunchPlan) -> str:

@@ -39,6 +39,7 @@ OWNED_FLAGS = (
     "--dtype",
     "--max-model-len",
     "--tensor-parallel-size",
+    "--pipeline-parallel-size",
     "--api-key",
 )
 
@@ -74,6 +75,10 @@ def vllm_command(plan: LaunchPlan, weights: Path, options: ServeOptions, port: i
     ]
     if plan.tensor_parallel_size > 1:
         command += ["--tensor-parallel-size", str(plan.tensor_parallel_size)]
+    if options.nodes > 1:
+        # Several machines: one pipeline stage per machine over an existing Ray
+        # cluster; tensor parallelism stays inside each machine.
+        command += ["--pipeline-parallel-size", str(options.nodes), "--distributed-executor-backend", "ray"]
     if plan.quantization_config and plan.quantization_config.get("method") == "awq":
         command += ["--quantization", "awq"]
     video = spec.llm.arch.startswith("qwen")  # vLLM takes InternVL video only with a Qwen backbone
