@@ -148,6 +148,13 @@ def serve_options(f: Any) -> Any:
             show_default=True,
             help="vLLM only: machines of a running Ray cluster to spread the model over (one pipeline stage each).",
         ),
+        click.option(
+            "--on-engine-fault",
+            type=click.Choice(["exit", "keep-serving"]),
+            default="exit",
+            show_default=True,
+            help="When generation fails: stop with exit code 11, or keep the process up with /health at 503.",
+        ),
         click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code (opt-in)."),
         click.option(
             "--allow-pickle", is_flag=True, help="Allow pickle (*.bin) weights when there are no safetensors."
@@ -229,6 +236,7 @@ def launch_command(ctx: click.Context, as_json: bool, dry_run: bool, engine_args
         allow_pickle=flags["allow_pickle"],
         vllm_args=engine_args,
         nodes=flags["nodes"],
+        on_engine_fault=flags["on_engine_fault"],
     )
 
     def say(message: str) -> None:

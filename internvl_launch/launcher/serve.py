@@ -51,6 +51,7 @@ class ServeOptions:
     allow_pickle: bool = False
     vllm_args: tuple[str, ...] = ()
     nodes: int = 1
+    on_engine_fault: str = "exit"  # or "keep-serving"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def name(self, plan: LaunchPlan) -> str:
@@ -187,6 +188,16 @@ def serve_transformers(
             server.should_exit = True
             return
         write_record(record)
+        announce_ready()
+        while True:  # after ready: an engine fault ends the launch, unless asked to keep serving
+            await asyncio.sleep(0.1)
+            if service.batcher.fault is not None and options.on_engine_fault == "exit":
+                outcome["fault"] = service.batcher.fault
+                server.should_exit = True
+                return
+
+    def announce_ready() -> None:
+        state = app.state.internvl
         announce(
             {
                 "event": "ready",
@@ -227,5 +238,10 @@ def serve_transformers(
         sock.close()
     if "error" in outcome:
         raise LaunchError(f"The server did not become ready: {outcome['error']}.")
+    if "fault" in outcome:
+        raise LaunchError(
+            f"The engine failed while serving ({outcome['fault']}); the server stopped.",
+            hint="Read the log above; --on-engine-fault keep-serving keeps the process up (health answers 503).",
+        )
     say("stopped")
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -95,6 +96,10 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._thread = _EngineThread()
         self.fault: str | None = None
+        self._calls = 0
+        # Fault injection for tests of the failure path: fail the N-th generate call.
+        inject = os.environ.get("INTERNVL_INJECT_ENGINE_FAULT", "")
+        self._fail_at = int(inject) if inject.isdigit() else None
 
     @property
     def depth(self) -> int:
@@ -175,8 +180,10 @@ class Batcher:
         rows = [Row(j.prepared.request, j.params, on_text=j.on_text, cancel=j.cancel) for j in batch]
         if self.observe:
             self.observe.batch(len(batch), [started - j.enqueued for j in batch])
+        self._calls += 1
+        run = self.engine.run if self._calls != self._fail_at else _injected_fault
         try:
-            results = await self._thread.call(self.engine.run, rows, batch[0].params)
+            results = await self._thread.call(run, rows, batch[0].params)
         except InternVLError as err:
             for job in batch:
                 if not job.future.done():
@@ -194,6 +201,10 @@ class Batcher:
             self._running = 0
             if self.observe:
                 self.observe.queue(self.depth)
+
+
+def _injected_fault(rows: Any, params: Any) -> Any:
+    raise RuntimeError("injected engine fault (INTERNVL_INJECT_ENGINE_FAULT)")
 
 
 def _share_key(params: SamplingParams) -> tuple[Any, ...]:
