@@ -237,3 +237,73 @@ def test_bodies_stop_at_the_byte_cap_with_or_without_a_length() -> None:
 def test_broken_data_urls(url: str, fragment: str) -> None:
     with pytest.raises(MediaError, match=fragment):
         fetch(url)
+
+
+# 3, over TLS: the pinned address is dialled, and the certificate is checked for the URL's host
+
+
+def _tls_server(tmp_path: Path, hostname: str) -> tuple[object, int, Path]:
+    import datetime
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path, key_path = tmp_path / f"{hostname}.pem", tmp_path / f"{hostname}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(IMAGE)))
+            self.send_header("X-Seen-Host", self.headers.get("Host", ""))
+            self.end_headers()
+            self.wfile.write(IMAGE)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1], cert_path
+
+
+def test_https_dials_the_checked_address_and_verifies_the_host(tmp_path: Path) -> None:
+    import ssl
+
+    server, port, cert = _tls_server(tmp_path, "media.test")
+    try:
+
+        def resolver(host: str, p: int, **kw: object) -> list:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", p))]
+
+        trust = ssl.create_default_context(cafile=str(cert))
+        policy = FetchPolicy(allow_private=True, resolver=resolver, tls=trust)
+        assert fetch(f"https://media.test:{port}/a.png", policy) == IMAGE
+        with pytest.raises(MediaError):  # the certificate names media.test, not other.test
+            fetch(f"https://other.test:{port}/a.png", policy)
+        with pytest.raises(MediaError):  # and an unknown issuer is not trusted
+            fetch(f"https://media.test:{port}/a.png", FetchPolicy(allow_private=True, resolver=resolver))
+    finally:
+        server.shutdown()  # type: ignore[attr-defined]

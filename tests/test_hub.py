@@ -164,3 +164,31 @@ def test_modelscope_download_and_fallback_from_huggingface(
     pinned = download([("modelscope", "OpenGVLab/Tiny")], revision="v1", progress=False)
     assert json.loads((pinned.path / "config.json").read_text()) == {"old": True}
     assert all("Revision=v1" in q for path, q in modelscope.requests[-3:])
+
+
+def test_a_failed_write_never_leaves_a_file_marked_complete(
+    hub: StandInHub, tiny_files: dict[str, bytes], tmp_path: Path
+) -> None:
+    """A write that fails mid-file (here the file-size limit, as a full disk
+    would) leaves only the client's `.incomplete` blob: no snapshot entry for
+    the file; the next run completes it."""
+    big = os.urandom(24 * 2**20)
+    hub.add_repo("OpenGVLab/Tiny", {**tiny_files, "model-00002-of-00002.safetensors": big})
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 2**20, 16 * 2**20))\n"
+        "from internvl_launch.hub import download\n"
+        "from internvl_launch.errors import DownloadError\n"
+        "try:\n"
+        "    download([('huggingface', 'OpenGVLab/Tiny')], progress=False)\n"
+        "except DownloadError as err:\n"
+        "    print(err.message); sys.exit(10)\n"
+    )
+    failed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    assert failed.returncode == 10, failed.stderr[-2000:]
+    repo = Path(os.environ["HF_HOME"]) / "hub" / "models--OpenGVLab--Tiny"
+    assert not list(repo.glob("snapshots/*/model-00002-of-00002.safetensors"))
+    assert all(p.stat().st_size < len(big) for p in repo.glob("blobs/*"))
+    got = download([("huggingface", "OpenGVLab/Tiny")], progress=False)
+    assert (got.path / "model-00002-of-00002.safetensors").read_bytes() == big

@@ -54,6 +54,7 @@ class FetchPolicy:
     connect_timeout_s: float = 5.0
     user_agent: str = "internvl-launch"
     resolver: object = field(default=None, repr=False)  # tests may inject a getaddrinfo
+    tls: object = field(default=None, repr=False)  # an ssl.SSLContext; None: the system's trust store
 
 
 def is_public(address: IPAddress) -> bool:
@@ -215,7 +216,8 @@ class MediaFetcher:
         import httpx
 
         timeout = httpx.Timeout(self.policy.timeout_s, connect=self.policy.connect_timeout_s)
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        verify = self.policy.tls if self.policy.tls is not None else True
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False, verify=verify) as client:
             for _hop in range(self.policy.max_redirects + 1):
                 target = await self._check(url, kind)
                 host_for_url = f"[{target.address}]" if target.address.version == 6 else str(target.address)

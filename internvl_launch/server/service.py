@@ -56,7 +56,8 @@ class ServiceLimits:
     max_model_len: int = 8192
     default_max_tokens: int = 512
     max_batch: int = 8
-    batch_wait_s: float = 0.01
+    batch_wait_s: float = 0.01  # the window after the first request of a batch
+    batch_wait_preparing_s: float = 0.25  # longest extra wait for requests still fetching or tiling their media
     max_queue: int = 64  # running + waiting requests; beyond it: 429
     max_image_bytes: int = MAX_IMAGE_BYTES
     max_video_bytes: int = MAX_VIDEO_BYTES
@@ -93,6 +94,7 @@ class Batcher:
         self._waiting: collections.deque[Job] = collections.deque()
         self._wakeup = asyncio.Event()
         self._running = 0
+        self.preparing = 0  # requests validated and still fetching or tiling their media
         self._task: asyncio.Task[None] | None = None
         self._thread = _EngineThread()
         self.fault: str | None = None
@@ -136,14 +138,22 @@ class Batcher:
             if not self._waiting:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # A short window lets concurrent arrivals join the same batch.
-            deadline = time.perf_counter() + self.limits.batch_wait_s
-            while len(self._waiting) < self.limits.max_batch and (left := deadline - time.perf_counter()) > 0:
+            # A short window lets concurrent arrivals join the same batch; requests
+            # still preparing their media are waited for a little longer, since
+            # one generate call for all of them beats one call each.
+            now = time.perf_counter()
+            deadline = now + self.limits.batch_wait_s
+            longest = now + self.limits.batch_wait_preparing_s
+            while len(self._waiting) < self.limits.max_batch:
+                until = longest if self.preparing > 0 else deadline
+                left = until - time.perf_counter()
+                if left <= 0:
+                    break
                 self._wakeup.clear()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), left)
+                    await asyncio.wait_for(self._wakeup.wait(), min(left, 0.005) if self.preparing else left)
                 except TimeoutError:
-                    break
+                    continue
             batch = self._take_batch()
             if not batch:
                 continue
@@ -280,6 +290,15 @@ class ChatService:
         if not 1 <= frames <= self.limits.max_frames:
             raise ConversationError(f"num_frames must be between 1 and {self.limits.max_frames}.")
         started = time.perf_counter()
+        self.batcher.preparing += 1
+        try:
+            return await self._prepare_media(messages, media, frames, max_tiles, started)
+        finally:
+            self.batcher.preparing -= 1
+
+    async def _prepare_media(
+        self, messages: list[Message], media: list[Any], frames: int, max_tiles: int | None, started: float
+    ) -> tuple[Prepared, list[Message]]:
         payloads = await asyncio.gather(
             *(
                 self.fetcher.fetch(
