@@ -84,6 +84,37 @@ def url_for(host: str, port: int) -> str:
     return f"http://{shown}:{port}/v1"
 
 
+def new_record(name: str, options: ServeOptions, port: int, engine: str, log: str | None) -> ServerRecord:
+    """The state record of the server this process is about to run."""
+    return ServerRecord(
+        id=f"{name.replace('/', '_')}-{port}",
+        pid=os.getpid(),
+        url=url_for(options.host, port),
+        model=name,
+        engine=engine,
+        started=time.time(),
+        log=log,
+        process_start=process_start_time(os.getpid()),
+    )
+
+
+def ready_event(record: ServerRecord, plan: LaunchPlan, port: int, t_start: float, **extra: Any) -> dict[str, Any]:
+    """The ready JSON: the same keys for both engines, plus engine-specific ones."""
+    return {
+        "event": "ready",
+        "id": record.id,
+        "url": record.url,
+        "pid": record.pid,
+        "model": record.model,
+        "model_ref": plan.model_ref,
+        "engine": record.engine,
+        "port": port,
+        "log": record.log,
+        **extra,
+        "ready_s": round(time.perf_counter() - t_start, 3),
+    }
+
+
 def announce(ready: dict[str, Any], ready_file: Path | None) -> None:
     """The one ready line on stdout, and the ready file."""
     line = json.dumps(ready)
@@ -165,16 +196,7 @@ def serve_transformers(
         access_log=False,
     )
     server = uvicorn.Server(config)
-    record = ServerRecord(
-        id=f"{name.replace('/', '_')}-{port}",
-        pid=os.getpid(),
-        url=url_for(options.host, port),
-        model=name,
-        engine="transformers",
-        started=time.time(),
-        log=options.log_file,
-        process_start=process_start_time(os.getpid()),
-    )
+    record = new_record(name, options, port, "transformers", options.log_file)
     outcome: dict[str, Any] = {}
 
     async def watch() -> None:
@@ -197,24 +219,9 @@ def serve_transformers(
                 return
 
     def announce_ready() -> None:
-        state = app.state.internvl
-        announce(
-            {
-                "event": "ready",
-                "id": record.id,
-                "url": record.url,
-                "pid": record.pid,
-                "model": name,
-                "model_ref": plan.model_ref,
-                "engine": "transformers",
-                "port": port,
-                "log": options.log_file,
-                "load_s": round(engine.load_seconds, 3),
-                "warmup_s": round(state.warmup_s or 0.0, 3),
-                "ready_s": round(time.perf_counter() - t_start, 3),
-            },
-            options.ready_file,
-        )
+        warm = app.state.internvl.warmup_s or 0.0
+        ready = ready_event(record, plan, port, t_start, load_s=round(engine.load_seconds, 3), warmup_s=round(warm, 3))
+        announce(ready, options.ready_file)
 
     async def main() -> None:
         watcher = asyncio.get_running_loop().create_task(watch())

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from internvl_launch.errors import LaunchError
-from internvl_launch.launcher.serve import ServeOptions, announce, url_for
-from internvl_launch.launcher.state import ServerRecord, logs_dir, process_start_time, remove_record, write_record
+from internvl_launch.launcher.serve import ServeOptions, announce, new_record, ready_event, url_for
+from internvl_launch.launcher.state import logs_dir, remove_record, write_record
 from internvl_launch.resolver import LaunchPlan
 
 #: Flags we set from the plan; passing them again after `--` is refused.
@@ -170,37 +170,13 @@ def serve_vllm(
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     base = url_for(options.host, port).removesuffix("/v1")
-    record = ServerRecord(
-        id=f"{name.replace('/', '_')}-{port}",
-        pid=os.getpid(),
-        url=url_for(options.host, port),
-        model=name,
-        engine="vllm",
-        started=time.time(),
-        log=str(log_path),
-        process_start=process_start_time(os.getpid()),
-    )
+    record = new_record(name, options, port, "vllm", options.log_file or str(log_path))
     try:
         _wait_ready(child, pump, base, options, stop_requested)
         warm = _warm_up(base, name, options.api_key)
         write_record(record)
-        announce(
-            {
-                "event": "ready",
-                "id": record.id,
-                "url": record.url,
-                "pid": record.pid,
-                "model": name,
-                "model_ref": plan.model_ref,
-                "engine": "vllm",
-                "engine_pid": child.pid,
-                "port": port,
-                "log": options.log_file or str(log_path),
-                "warmup_s": round(warm, 3),
-                "ready_s": round(time.perf_counter() - t_start, 3),
-            },
-            options.ready_file,
-        )
+        ready = ready_event(record, plan, port, t_start, engine_pid=child.pid, warmup_s=round(warm, 3))
+        announce(ready, options.ready_file)
         code = child.wait()
     except BaseException:
         _terminate(child, options.drain_timeout)
