@@ -18,7 +18,7 @@ from servers import server_env
 
 from internvl_launch.errors import LaunchError
 from internvl_launch.launcher.serve import ServeOptions
-from internvl_launch.launcher.vllm import vllm_command
+from internvl_launch.launcher.vllm import group_alive, vllm_command
 from internvl_launch.registry import load_registry
 from internvl_launch.request import LaunchRequest
 from internvl_launch.resolver import resolve_plan
@@ -123,9 +123,7 @@ def test_child_killed_while_serving_fails_the_launch(tmp_path: Path) -> None:
     os.kill(ready["engine_pid"], signal.SIGKILL)
     _out, err = launcher.communicate(timeout=60)
     assert launcher.returncode == 11 and "vLLM exited with code -9 while serving" in err
-    time.sleep(1)
-    with pytest.raises(ProcessLookupError):  # nothing of vLLM's process group is left behind
-        os.killpg(ready["engine_pid"], 0)
+    assert not group_alive(ready["engine_pid"])  # nothing of vLLM's process group is left running
     listed = subprocess.run(
         [sys.executable, "-m", "internvl_launch", "ps", "--json"], capture_output=True, text=True, env=env
     )

@@ -253,11 +253,40 @@ def _warm_up(base: str, name: str, api_key: str | None) -> float:
     return time.perf_counter() - started
 
 
-def _reap_group(pgid: int) -> None:
-    """vLLM leaves helpers (its multiprocessing resource tracker) in its
-    process group after it exits; end them with it."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+def _reap_group(pgid: int, timeout: float = 5.0) -> None:
+    """vLLM leaves helpers (its engine core, its multiprocessing resource
+    tracker) in its process group when it dies; end them with it: SIGTERM,
+    then SIGKILL after `timeout`."""
+    try:
         os.killpg(pgid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not group_alive(pgid):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process group still has a running (not zombie) member."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def _terminate(child: subprocess.Popen[bytes], timeout: float) -> None:
