@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from internvl_launch.errors import InternVLError
-from internvl_launch.hub import Notify, download
+from internvl_launch.hub import Download, Notify, download
 from internvl_launch.resolver import LaunchPlan
 
 NATIVE_ARCHITECTURES = ("InternVLForConditionalGeneration",)
@@ -33,6 +33,26 @@ def checkpoint_layout(path: Path) -> str:
     )
 
 
+def fetch_weights(
+    plan: LaunchPlan, *, trust_remote_code: bool = False, allow_pickle: bool = False, notify: Notify | None = None
+) -> Download:
+    """The plan's weights on this machine: the built-in tiny model (generated
+    on first use), or a download through the plan's hubs in order."""
+    if plan.hub == "builtin":
+        from internvl_launch.checkpoint.tiny import tiny_checkpoint
+
+        path = tiny_checkpoint()
+        files = tuple(sorted(str(p.relative_to(path)) for p in path.iterdir() if p.is_file()))
+        return Download(path, "builtin", plan.repo_id, None, files)
+    return download(
+        [(plan.hub, plan.repo_id), *plan.fallback],
+        revision=plan.revision,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        notify=notify,
+    )
+
+
 def locate_weights(
     plan: LaunchPlan,
     model_path: str | os.PathLike[str] | None = None,
@@ -47,18 +67,9 @@ def locate_weights(
         if not (path / "config.json").is_file():
             raise InternVLError(f"{path} is not a checkpoint directory (no config.json).")
     elif plan.hub == "builtin":
-        from internvl_launch.checkpoint.tiny import tiny_checkpoint
-
-        return tiny_checkpoint()
+        return fetch_weights(plan).path
     else:
-        fetched = download(
-            [(plan.hub, plan.repo_id), *plan.fallback],
-            revision=plan.revision,
-            trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle,
-            notify=notify,
-        )
-        path = fetched.path
+        path = fetch_weights(plan, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, notify=notify).path
     if checkpoint_layout(path) == "original" and not (plan.engine == "vllm" and trust_remote_code):
         raise InternVLError(
             f"{path} is in the original InternVLChatModel layout; converting it to the Transformers-native "

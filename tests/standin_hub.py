@@ -24,8 +24,34 @@ class Repo:
     refs: dict[str, str]  # branch or tag -> commit sha
 
 
+class _Loopback:
+    """Serves `handler_base` on a free loopback port inside a `with` block;
+    the handler sees this object as `state`."""
+
+    handler_base: type[BaseHTTPRequestHandler]
+    _server: ThreadingHTTPServer | None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        handler = type("Handler", (self.handler_base,), {"state": self})
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.shutdown()
+        self._server.server_close()
+
+
 @dataclass
-class StandInHub:
+class StandInHub(_Loopback):
     repos: dict[str, Repo] = field(default_factory=dict)
     cut_after: dict[str, int] = field(default_factory=dict)  # file name -> bytes sent on its first GET
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
@@ -43,28 +69,6 @@ class StandInHub:
     def add_directory(self, repo_id: str, directory: Path, **kw: str) -> str:
         files = {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
         return self.add_repo(repo_id, files, **kw)
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> StandInHub:
-        hub = self
-
-        class Handler(_Handler):
-            state = hub
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.shutdown()
-        self._server.server_close()
 
     def file_gets(self, name: str) -> list[str | None]:
         """The Range headers of every GET of `name`."""
@@ -173,7 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @dataclass
-class StandInModelScope:
+class StandInModelScope(_Loopback):
     """A stand-in for ModelScope's API on loopback: the file listing
     (`/api/v1/models/{id}/repo/files`) and file downloads
     (`/api/v1/models/{id}/repo?Revision=...&FilePath=...`), enough for the
@@ -190,28 +194,6 @@ class StandInModelScope:
         repo.commits[sha] = dict(files)
         repo.refs[branch] = sha
         return sha
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> StandInModelScope:
-        hub = self
-
-        class Handler(_ModelScopeHandler):
-            state = hub
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.shutdown()
-        self._server.server_close()
 
 
 class _ModelScopeHandler(BaseHTTPRequestHandler):
@@ -259,3 +241,7 @@ class _ModelScopeHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+
+StandInHub.handler_base = _Handler
+StandInModelScope.handler_base = _ModelScopeHandler

@@ -316,25 +316,18 @@ def stop_command(name: str | None, everything: bool, timeout: float, as_json: bo
 @click.option("--allow-pickle", is_flag=True, help="Fetch pickle (*.bin) weights when there are no safetensors.")
 def download_command(as_json: bool, trust_remote_code: bool, allow_pickle: bool, **flags: Any) -> None:
     """Fetch a model's weights into the hub cache (for CI and offline use)."""
-    from internvl_launch.hub import download
+    from internvl_launch.weights import fetch_weights
 
     flags["no_memory_check"] = True
     plan, _env = plan_from_flags(flags)
     started = time.perf_counter()
-    if plan.hub == "builtin":
-        from internvl_launch.checkpoint.tiny import tiny_checkpoint
-
-        path = tiny_checkpoint()
-        data: dict[str, Any] = {"path": str(path), "hub": "builtin", "repo_id": plan.repo_id, "revision": None}
-    else:
-        fetched = download(
-            [(plan.hub, plan.repo_id), *plan.fallback],
-            revision=plan.revision,
-            trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle,
-            notify=lambda m: note(f"internvl: {m}"),
-        )
-        data = fetched.to_dict()
+    fetched = fetch_weights(
+        plan,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        notify=lambda m: note(f"internvl: {m}"),
+    )
+    data = fetched.to_dict()
     data["model"] = plan.model_ref
     data["seconds"] = round(time.perf_counter() - started, 3)
     if as_json:
