@@ -24,6 +24,8 @@ def cli() -> None:
     internvl show internvl2               one family
     internvl resolve -n internvl2 -s 8 -q 4-bit --explain
     internvl launch -n internvl2 -s 8 -q 4-bit --dry-run
+    internvl launch -n internvl-tiny --port 0 --detach --json
+    internvl ps ; internvl stop internvl-tiny
     internvl chat -n internvl2 -s 2 --image cat.jpg "Describe it" --print-prompt
     """
 
