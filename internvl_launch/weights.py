@@ -66,10 +66,10 @@ def locate_weights(
         path = Path(model_path)
         if not (path / "config.json").is_file():
             raise InternVLError(f"{path} is not a checkpoint directory (no config.json).")
-    elif plan.hub == "builtin":
-        return fetch_weights(plan).path
     else:
         path = fetch_weights(plan, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, notify=notify).path
+        if plan.hub == "builtin":
+            return path
     if checkpoint_layout(path) == "original" and not (plan.engine == "vllm" and trust_remote_code):
         raise InternVLError(
             f"{path} is in the original InternVLChatModel layout; converting it to the Transformers-native "

@@ -289,6 +289,7 @@ class _RowTracker:
         self.reason: list[str | None] = [None] * n
         self.first_token_s: list[float | None] = [None] * n
         self.stops = [engine._stop_strings(r.params) for r in rows]
+        self.watched = [r.on_text is not None or bool(stops) for r, stops in zip(rows, self.stops, strict=True)]
         self.eos = set(engine.stop_token_ids)
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
@@ -304,24 +305,26 @@ class _RowTracker:
     def _advance(self, i: int, row: Row, token: int) -> None:
         if self.first_token_s[i] is None:
             self.first_token_s[i] = time.perf_counter() - self.started
-        if token in self.eos:
-            self.tokens[i].append(token)
-            self._finish(i, row, "stop")
-            return
         self.tokens[i].append(token)
-        text = self.engine.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
-        self.text[i] = text
-        cut, hit = _cut_at_stop(text, self.stops[i])
-        if hit:
-            self.text[i] = cut
+        if token in self.eos:
             self._finish(i, row, "stop")
             return
+        # Decoding every step costs a full decode per token; only rows that
+        # stream or watch for stop strings need the text before they end.
+        if self.watched[i]:
+            text = self.engine.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
+            cut, hit = _cut_at_stop(text, self.stops[i])
+            self.text[i] = cut
+            if hit:
+                self._finish(i, row, "stop")
+                return
         if len(self.tokens[i]) >= row.params.max_tokens:
             self._finish(i, row, "length")
             return
         if row.cancel is not None and row.cancel.is_set():
             self._finish(i, row, "cancelled")
             return
+        text = self.text[i]
         if row.on_text is not None and not text.endswith("\ufffd"):  # not in the middle of a character
             safe = len(text) - _held_back(text, self.stops[i])
             if safe > self.sent[i]:
@@ -330,8 +333,10 @@ class _RowTracker:
 
     def _finish(self, i: int, row: Row, reason: str) -> None:
         self.reason[i] = reason
-        if reason != "stop" or not self.tokens[i] or self.tokens[i][-1] not in self.eos:
-            self.text[i] = _cut_at_stop(self.text[i], self.stops[i])[0]
+        if not self.watched[i]:
+            tokens = self.tokens[i]
+            body = tokens[:-1] if tokens and tokens[-1] in self.eos else tokens
+            self.text[i] = self.engine.tokenizer.decode(body, skip_special_tokens=True)
         if row.on_text is not None and len(self.text[i]) > self.sent[i]:
             row.on_text(self.text[i][self.sent[i] :])
             self.sent[i] = len(self.text[i])

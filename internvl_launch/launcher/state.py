@@ -132,7 +132,10 @@ def stop_server(record: ServerRecord, timeout: float) -> str:
             return "stopped"
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(record.pid, signal.SIGKILL) if _leads_group(record.pid) else os.kill(record.pid, signal.SIGKILL)
+        if _leads_group(record.pid):  # a detached launch: its children go with it
+            os.killpg(record.pid, signal.SIGKILL)
+        else:
+            os.kill(record.pid, signal.SIGKILL)
     for _ in range(100):
         if not alive(record):
             break

@@ -240,9 +240,8 @@ def create_app(service: ChatService, config: ServerConfig, metrics: Metrics | No
                 "The server is still warming up." if state.status != "unhealthy" else "The server is unhealthy."
             )
         prepared, _ = await service.prepare(body.raw_messages(), max_tiles=body.max_tiles, num_frames=body.num_frames)
-        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = SamplingParams(
-            max_tokens=service.budget(prepared, asked),
+            max_tokens=service.budget(prepared, body.requested_max_tokens),
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=body.top_k or 0,
@@ -288,13 +287,9 @@ def create_app(service: ChatService, config: ServerConfig, metrics: Metrics | No
 
     def _observe(result: Completion, job: Job, t0: float) -> None:
         end = time.perf_counter()
-        metrics.requests.labels("ok").inc()
-        metrics.latency.observe(end - t0)
         started = job.started or t0
         metrics.ttft.observe((started - t0) + result.timings.get("first_token_s", end - started))
-        metrics.prompt_tokens.inc(result.prompt_tokens)
-        metrics.image_tokens.inc(job.prepared.image_tokens)
-        metrics.completion_tokens.inc(result.completion_tokens)
+        metrics.completed(result.prompt_tokens, job.prepared.image_tokens, result.completion_tokens, end - t0)
 
     def _stream(
         body: ChatCompletionRequest,
@@ -347,12 +342,9 @@ def create_app(service: ChatService, config: ServerConfig, metrics: Metrics | No
                     metrics.requests.labels("engine_error").inc()
                     yield "data: " + json.dumps(error_body(message, "server_error", code="engine_unavailable")) + "\n\n"
                     return
-                end = time.perf_counter()
-                metrics.requests.labels("ok").inc()
-                metrics.latency.observe(end - t0)
-                metrics.prompt_tokens.inc(result.prompt_tokens)
-                metrics.image_tokens.inc(prepared.image_tokens)
-                metrics.completion_tokens.inc(result.completion_tokens)
+                metrics.completed(
+                    result.prompt_tokens, prepared.image_tokens, result.completion_tokens, time.perf_counter() - t0
+                )
                 yield chunk({}, _finish(result.finish_reason))
                 if include_usage:
                     yield chunk({}, usage=_usage(result))
@@ -372,7 +364,7 @@ def create_app(service: ChatService, config: ServerConfig, metrics: Metrics | No
 def _refuse_unsupported(body: ChatCompletionRequest) -> None:
     if body.n not in (None, 1):
         raise ConversationError("n > 1 is not supported; send separate requests.")
-    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    asked = body.requested_max_tokens
     if body.min_tokens and asked is not None and body.min_tokens > asked:
         raise ConversationError(f"min_tokens ({body.min_tokens}) is larger than max_tokens ({asked}).")
     if body.min_tokens:

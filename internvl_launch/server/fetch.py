@@ -107,6 +107,16 @@ class MediaFetcher:
 
     def __init__(self, policy: FetchPolicy | None = None) -> None:
         self.policy = policy or FetchPolicy()
+        self._tls: object = policy.tls if policy is not None else None
+
+    def _tls_context(self) -> object:
+        """The TLS trust settings, built once: loading the CA bundle costs tens
+        of milliseconds, too much to pay on every fetch."""
+        if self._tls is None:
+            import httpx
+
+            self._tls = httpx.create_ssl_context()
+        return self._tls
 
     async def fetch(self, ref: str, *, kind: str, max_bytes: int) -> bytes:
         if not isinstance(ref, str) or not ref:
@@ -216,8 +226,9 @@ class MediaFetcher:
         import httpx
 
         timeout = httpx.Timeout(self.policy.timeout_s, connect=self.policy.connect_timeout_s)
-        verify = self.policy.tls if self.policy.tls is not None else True
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False, verify=verify) as client:
+        async with httpx.AsyncClient(
+            timeout=timeout, follow_redirects=False, trust_env=False, verify=self._tls_context()
+        ) as client:
             for _hop in range(self.policy.max_redirects + 1):
                 target = await self._check(url, kind)
                 host_for_url = f"[{target.address}]" if target.address.version == 6 else str(target.address)

@@ -50,5 +50,13 @@ class Metrics:
         for w in waits:
             self.queue_wait.observe(w)
 
+    def completed(self, prompt_tokens: int, image_tokens: int, completion_tokens: int, latency: float) -> None:
+        """One request answered in full."""
+        self.requests.labels("ok").inc()
+        self.latency.observe(latency)
+        self.prompt_tokens.inc(prompt_tokens)
+        self.image_tokens.inc(image_tokens)
+        self.completion_tokens.inc(completion_tokens)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

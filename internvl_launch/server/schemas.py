@@ -94,5 +94,10 @@ class ChatCompletionRequest(_Loose):
             raise ValueError(f"stop sequences are at most {MAX_STOP_LEN} characters")
         return [s for s in stops if s]
 
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """`max_completion_tokens` (OpenAI's current name) or `max_tokens`."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
     def raw_messages(self) -> list[dict[str, Any]]:
         return [m.model_dump(exclude_none=True) for m in self.messages]

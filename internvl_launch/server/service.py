@@ -123,6 +123,10 @@ class Batcher:
         self._waiting.clear()
         self._thread.close()
 
+    def wake(self) -> None:
+        """Let a waiting batch window look again (a request finished preparing)."""
+        self._wakeup.set()
+
     def submit(self, job: Job) -> None:
         if self.fault is not None:
             raise EngineFault(f"The engine failed earlier ({self.fault}); the server is not healthy.")
@@ -150,8 +154,8 @@ class Batcher:
                 if left <= 0:
                     break
                 self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), min(left, 0.005) if self.preparing else left)
+                try:  # woken by a new request, or by one that finished preparing
+                    await asyncio.wait_for(self._wakeup.wait(), left)
                 except TimeoutError:
                     continue
             batch = self._take_batch()
@@ -295,6 +299,7 @@ class ChatService:
             return await self._prepare_media(messages, media, frames, max_tiles, started)
         finally:
             self.batcher.preparing -= 1
+            self.batcher.wake()
 
     async def _prepare_media(
         self, messages: list[Message], media: list[Any], frames: int, max_tiles: int | None, started: float
