@@ -103,3 +103,9 @@ class DownloadError(InternVLError):
 
 class LaunchError(InternVLError):
     """A server did not come up, or a launched server could not be found or stopped."""
+
+
+class CheckpointError(InternVLError):
+    """A checkpoint directory is not a usable InternVL checkpoint (no config,
+    missing or corrupt weights, an unsupported layout), or converting it failed.
+    Nothing is left half-written."""

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from internvl_launch.errors import InternVLError
+from internvl_launch.errors import CheckpointError
 from internvl_launch.hub import Download, Notify, download
 from internvl_launch.resolver import LaunchPlan
 
@@ -21,13 +21,13 @@ def checkpoint_layout(path: Path) -> str:
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as err:
-        raise InternVLError(f"{path} has no readable config.json.", hint="Point at a checkpoint directory.") from err
+        raise CheckpointError(f"{path} has no readable config.json.", hint="Point at a checkpoint directory.") from err
     archs = config.get("architectures") or []
     if any(a in NATIVE_ARCHITECTURES for a in archs):
         return "native"
     if any(a in ORIGINAL_ARCHITECTURES for a in archs) or "llm_config" in config:
         return "original"
-    raise InternVLError(
+    raise CheckpointError(
         f"{path} is not an InternVL checkpoint: its config names {archs or 'no architecture'}.",
         hint="Expected InternVLForConditionalGeneration (native) or InternVLChatModel (original).",
     )
@@ -61,20 +61,32 @@ def locate_weights(
     allow_pickle: bool = False,
     notify: Notify | None = None,
 ) -> Path:
-    """Where the plan's weights are on this machine, fetching them if needed."""
+    """Where the plan's weights are on this machine, fetching them if needed.
+    Original-layout checkpoints are converted to the native layout once and
+    the conversion is cached (per hub repo and revision, or per local
+    directory's contents); vLLM with --trust-remote-code serves them as they are."""
+    repo_id: str | None = None
+    revision: str | None = None
     if model_path is not None:
         path = Path(model_path)
         if not (path / "config.json").is_file():
-            raise InternVLError(f"{path} is not a checkpoint directory (no config.json).")
+            raise CheckpointError(
+                f"{path} is not a checkpoint directory (no config.json).",
+                hint="Point --model-path at the directory that holds config.json and the weights.",
+            )
     else:
-        path = fetch_weights(plan, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, notify=notify).path
+        fetched = fetch_weights(plan, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, notify=notify)
+        path = fetched.path
         if plan.hub == "builtin":
             return path
-    if checkpoint_layout(path) == "original" and not (plan.engine == "vllm" and trust_remote_code):
-        raise InternVLError(
-            f"{path} is in the original InternVLChatModel layout; converting it to the Transformers-native "
-            "layout is not available in this version.",
-            hint="Use a native-layout checkpoint (InternVLForConditionalGeneration), or serve this one with "
-            "its own code: --model-engine vllm --trust-remote-code.",
-        )
-    return path
+        repo_id, revision = f"{fetched.hub}/{fetched.repo_id}", fetched.revision
+    if checkpoint_layout(path) == "native":
+        return path
+    if plan.engine == "vllm" and trust_remote_code:
+        return path
+    from internvl_launch.checkpoint.convert import cached_conversion
+
+    converted, _cached = cached_conversion(
+        path, repo_id=repo_id, revision=revision, allow_pickle=allow_pickle, notify=notify
+    )
+    return converted

@@ -108,12 +108,16 @@ def train_tokenizer(config: TinyConfig) -> Any:
         pad_token="<|endoftext|>",
         unk_token=None,
         additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (end, "<|endoftext|>")],
-        chat_template=_chat_template(config.template),
+        chat_template=chat_template(config.template, TINY_SYSTEM_MESSAGE),
         model_max_length=8192,
     )
 
 
-def _chat_template(template: str) -> str:
+#: The built-in model's default system message (its spec says the same).
+TINY_SYSTEM_MESSAGE = "You are a tiny test model with random weights."
+
+
+def chat_template(template: str, system_message: str) -> str:
     """A Jinja chat template writing the same prompt as `internvl_launch.prompt`
     for text, images and video (an image part becomes `<IMG_CONTEXT>`, with
     `Image-N: ` before it when the conversation has several; a video part
@@ -134,7 +138,7 @@ def _chat_template(template: str) -> str:
         "{{ " + json.dumps(sys_open) + " }}{{ messages[0]['content'] if messages[0]['content'] is string "
         "else messages[0]['content'][0]['text'] }}{{ sep }}"
         "{%- set messages = messages[1:] -%}"
-        "{%- else -%}{{ " + json.dumps(sys_open + "You are a tiny test model with random weights.") + " }}{{ sep }}"
+        "{%- else -%}{{ " + json.dumps(sys_open + system_message) + " }}{{ sep }}"
         "{%- endif -%}"
         "{%- for m in messages -%}"
         "{%- if m['role'] == 'user' -%}{{ " + json.dumps(user) + " }}"

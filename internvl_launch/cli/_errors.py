@@ -14,6 +14,7 @@ import traceback
 import click
 
 from internvl_launch.errors import (
+    CheckpointError,
     ConversationError,
     DownloadError,
     EngineUnavailableError,
@@ -39,6 +40,7 @@ EXIT_BAD_ENVIRONMENT_FILE = 8
 EXIT_BAD_INPUT = 9
 EXIT_DOWNLOAD = 10
 EXIT_LAUNCH = 11
+EXIT_CHECKPOINT = 12
 
 #: (error class, exit code, what the code means) - the documented table.
 EXIT_CODES: tuple[tuple[type[BaseException] | None, int, str], ...] = (
@@ -63,6 +65,11 @@ EXIT_CODES: tuple[tuple[type[BaseException] | None, int, str], ...] = (
         "the weights could not be fetched (hub unreachable, not found, offline with a cold cache)",
     ),
     (LaunchError, EXIT_LAUNCH, "the server did not become ready, or a launched server could not be found or stopped"),
+    (
+        CheckpointError,
+        EXIT_CHECKPOINT,
+        "a checkpoint directory is not a usable InternVL checkpoint, or converting it failed (nothing written)",
+    ),
 )
 
 _ORDERED = sorted(

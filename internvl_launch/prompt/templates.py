@@ -91,3 +91,20 @@ def get_template(name: str) -> Template:
         return TEMPLATES[name]
     except KeyError:
         raise KeyError(f"unknown template {name!r}; known: {', '.join(TEMPLATES)}") from None
+
+
+_INTERNVL2_SYSTEM = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+)
+_INTERNVL2_5_SYSTEM = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+
+#: The system message each template uses when a checkpoint names none (a
+#: checkpoint's config may carry its own `system_message`, which wins).
+DEFAULT_SYSTEM_MESSAGES: dict[str, str] = {
+    "Hermes-2": _INTERNVL2_SYSTEM,
+    "internlm2-chat": _INTERNVL2_SYSTEM,
+    "phi3-chat": _INTERNVL2_SYSTEM,
+    "internvl2_5": _INTERNVL2_5_SYSTEM,
+}

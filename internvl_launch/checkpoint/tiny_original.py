@@ -1,0 +1,307 @@
+"""Tiny random checkpoints in OpenGVLab's original `InternVLChatModel` layout.
+
+The test bed for conversion: the config.json and tensor names that the
+original modeling code reads, for each language-model backbone it supports
+(Qwen2, InternLM2, Llama, Phi-3) and both vision towers (InternViT-300M style:
+LayerNorm, qkv bias; InternViT-6B style: RMSNorm, query/key normalisation, no
+qkv bias). Written from shapes alone, with no model class, so nothing here
+depends on the converter it tests.
+
+Values are drawn from a seeded generator at scales that make every tensor
+matter to the output (norm weights around 1, layer scales around 0.5), so that
+a wrongly split or misplaced tensor changes the logits far beyond float32 noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+#: Bump when the generated files change.
+ORIGINAL_GENERATOR_VERSION = 1
+
+#: Each backbone's template, as its InternVL2-era checkpoints name them.
+BACKBONE_TEMPLATES = {"qwen2": "internvl2_5", "internlm2": "internlm2-chat", "llama": "Hermes-2", "phi3": "phi3-chat"}
+_LLM_ARCH = {
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "internlm2": ("InternLM2ForCausalLM", "internlm2"),
+    "llama": ("LlamaForCausalLM", "llama"),
+    "phi3": ("Phi3ForCausalLM", "phi3"),
+}
+
+
+@dataclass(frozen=True)
+class TinyOriginalConfig:
+    """Dimensions of a tiny original-layout checkpoint."""
+
+    backbone: str = "qwen2"  # qwen2 | internlm2 | llama | phi3
+    vision_style: str = "300m"  # 300m (LayerNorm, qkv bias) | 6b (RMSNorm, qk norm, no qkv bias)
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_intermediate: int = 256
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 256
+    vocab_target: int = 1000
+    seed: int = 0
+    ps_version: str = "v2"
+    max_dynamic_patch: int = 12
+
+    @property
+    def template(self) -> str:
+        return BACKBONE_TEMPLATES[self.backbone]
+
+    def key(self) -> str:
+        blob = json.dumps({"v": ORIGINAL_GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def vision_config(c: TinyOriginalConfig) -> dict[str, Any]:
+    big = c.vision_style == "6b"
+    return {
+        "architectures": ["InternVisionModel"],
+        "model_type": "intern_vit_6b",
+        "hidden_size": c.vision_hidden,
+        "num_hidden_layers": c.vision_layers,
+        "num_attention_heads": c.vision_heads,
+        "intermediate_size": c.vision_intermediate,
+        "image_size": 448,
+        "patch_size": 14,
+        "num_channels": 3,
+        "qkv_bias": not big,
+        "qk_normalization": big,
+        "norm_type": "rms_norm" if big else "layer_norm",
+        "layer_norm_eps": 1e-6,
+        "hidden_act": "gelu",
+        "drop_path_rate": 0.0,
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "use_flash_attn": False,
+        "initializer_factor": 0.1,
+        "initializer_range": 0.02,
+    }
+
+
+def llm_config(c: TinyOriginalConfig, vocab: int, eos_id: int, pad_id: int) -> dict[str, Any]:
+    arch, model_type = _LLM_ARCH[c.backbone]
+    out: dict[str, Any] = {
+        "architectures": [arch],
+        "model_type": model_type,
+        "vocab_size": vocab,
+        "hidden_size": c.text_hidden,
+        "intermediate_size": c.text_intermediate,
+        "num_hidden_layers": c.text_layers,
+        "num_attention_heads": c.text_heads,
+        "num_key_value_heads": c.text_kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "tie_word_embeddings": False,
+        "bos_token_id": None,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+        "attn_implementation": "eager",
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+    if c.backbone == "internlm2":
+        out["bias"] = False
+        out["auto_map"] = {
+            "AutoConfig": "configuration_internlm2.InternLM2Config",
+            "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+            "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+        }
+    if c.backbone == "phi3":
+        out["original_max_position_embeddings"] = 4096
+        out["sliding_window"] = 4095
+        out["embd_pdrop"] = out["resid_pdrop"] = out["attention_dropout"] = 0.0
+    if c.backbone == "qwen2":
+        out["use_sliding_window"] = False
+        out["sliding_window"] = 4096
+        out["max_window_layers"] = c.text_layers
+    return out
+
+
+def original_config(c: TinyOriginalConfig, vocab: int, eos_id: int, pad_id: int) -> dict[str, Any]:
+    return {
+        "architectures": ["InternVLChatModel"],
+        "model_type": "internvl_chat",
+        "auto_map": {
+            "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+            "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+            "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
+        },
+        "vision_config": vision_config(c),
+        "llm_config": llm_config(c, vocab, eos_id, pad_id),
+        "downsample_ratio": 0.5,
+        "dynamic_image_size": True,
+        "force_image_size": 448,
+        "max_dynamic_patch": c.max_dynamic_patch,
+        "min_dynamic_patch": 1,
+        "ps_version": c.ps_version,
+        "select_layer": -1,
+        "template": c.template,
+        "use_thumbnail": True,
+        "use_backbone_lora": 0,
+        "use_llm_lora": 0,
+        "pad2square": False,
+        "torch_dtype": "float32",
+    }
+
+
+def tensor_shapes(c: TinyOriginalConfig, vocab: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the original layout and its shape."""
+    d, vi = c.vision_hidden, c.vision_intermediate
+    big = c.vision_style == "6b"
+    shapes: dict[str, tuple[int, ...]] = {
+        "vision_model.embeddings.class_embedding": (1, 1, d),
+        "vision_model.embeddings.patch_embedding.weight": (d, 3, 14, 14),
+        "vision_model.embeddings.patch_embedding.bias": (d,),
+        "vision_model.embeddings.position_embedding": (1, (448 // 14) ** 2 + 1, d),
+    }
+    for i in range(c.vision_layers):
+        p = f"vision_model.encoder.layers.{i}."
+        shapes[p + "attn.qkv.weight"] = (3 * d, d)
+        if not big:
+            shapes[p + "attn.qkv.bias"] = (3 * d,)
+        shapes[p + "attn.proj.weight"] = (d, d)
+        shapes[p + "attn.proj.bias"] = (d,)
+        if big:
+            shapes[p + "attn.q_norm.weight"] = (d,)
+            shapes[p + "attn.k_norm.weight"] = (d,)
+        shapes[p + "ls1"] = (d,)
+        shapes[p + "ls2"] = (d,)
+        for norm in ("norm1", "norm2"):
+            shapes[p + norm + ".weight"] = (d,)
+            if not big:
+                shapes[p + norm + ".bias"] = (d,)
+        shapes[p + "mlp.fc1.weight"] = (vi, d)
+        shapes[p + "mlp.fc1.bias"] = (vi,)
+        shapes[p + "mlp.fc2.weight"] = (d, vi)
+        shapes[p + "mlp.fc2.bias"] = (d,)
+    h, ti = c.text_hidden, c.text_intermediate
+    shapes["mlp1.0.weight"] = shapes["mlp1.0.bias"] = (4 * d,)
+    shapes["mlp1.1.weight"] = (h, 4 * d)
+    shapes["mlp1.1.bias"] = (h,)
+    shapes["mlp1.3.weight"] = (h, h)
+    shapes["mlp1.3.bias"] = (h,)
+    hd = h // c.text_heads
+    q, kv = c.text_heads * hd, c.text_kv_heads * hd
+    lm = "language_model.model."
+    if c.backbone == "internlm2":
+        shapes[lm + "tok_embeddings.weight"] = (vocab, h)
+        for i in range(c.text_layers):
+            p = f"{lm}layers.{i}."
+            shapes[p + "attention.wqkv.weight"] = (q + 2 * kv, h)
+            shapes[p + "attention.wo.weight"] = (h, q)
+            shapes[p + "feed_forward.w1.weight"] = (ti, h)
+            shapes[p + "feed_forward.w3.weight"] = (ti, h)
+            shapes[p + "feed_forward.w2.weight"] = (h, ti)
+            shapes[p + "attention_norm.weight"] = (h,)
+            shapes[p + "ffn_norm.weight"] = (h,)
+        shapes[lm + "norm.weight"] = (h,)
+        shapes["language_model.output.weight"] = (vocab, h)
+        return shapes
+    shapes[lm + "embed_tokens.weight"] = (vocab, h)
+    for i in range(c.text_layers):
+        p = f"{lm}layers.{i}."
+        if c.backbone == "phi3":
+            shapes[p + "self_attn.qkv_proj.weight"] = (q + 2 * kv, h)
+            shapes[p + "mlp.gate_up_proj.weight"] = (2 * ti, h)
+        else:
+            shapes[p + "self_attn.q_proj.weight"] = (q, h)
+            shapes[p + "self_attn.k_proj.weight"] = (kv, h)
+            shapes[p + "self_attn.v_proj.weight"] = (kv, h)
+            if c.backbone == "qwen2":
+                shapes[p + "self_attn.q_proj.bias"] = (q,)
+                shapes[p + "self_attn.k_proj.bias"] = (kv,)
+                shapes[p + "self_attn.v_proj.bias"] = (kv,)
+            shapes[p + "mlp.gate_proj.weight"] = (ti, h)
+            shapes[p + "mlp.up_proj.weight"] = (ti, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        shapes[p + "mlp.down_proj.weight"] = (h, ti)
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+    shapes[lm + "norm.weight"] = (h,)
+    shapes["language_model.lm_head.weight"] = (vocab, h)
+    return shapes
+
+
+def _value(name: str, shape: tuple[int, ...], gen: Any) -> Any:
+    import torch
+
+    noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+    leaf = name.rsplit(".", 1)[-1]
+    if name.endswith(("ls1", "ls2")):
+        return 0.5 + 0.1 * noise
+    if name == "mlp1.0.weight" or ("norm" in name and leaf == "weight"):
+        return 1.0 + 0.1 * noise
+    if leaf == "bias":
+        return 0.1 * noise
+    if name.endswith(("tok_embeddings.weight", "embed_tokens.weight")):
+        return noise
+    if name.endswith(("class_embedding", "position_embedding")):
+        return 0.5 * noise
+    fan_in = 1
+    for n in shape[1:]:
+        fan_in *= n
+    return noise / fan_in**0.5
+
+
+def generate_tiny_original(
+    directory: str | os.PathLike[str], config: TinyOriginalConfig = TinyOriginalConfig()
+) -> Path:
+    """Write a tiny original-layout checkpoint to `directory`."""
+    import torch
+    from safetensors.torch import save_file
+
+    from internvl_launch.checkpoint.tiny import TinyConfig, train_tokenizer
+
+    if config.backbone not in _LLM_ARCH:
+        raise ValueError(f"unknown backbone {config.backbone!r}; choose one of {', '.join(_LLM_ARCH)}")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(TinyConfig(template=config.template, vocab_target=config.vocab_target))
+    tokenizer.chat_template = None
+    vocab = len(tokenizer)
+    eos = tokenizer.eos_token_id
+    cfg = original_config(config, vocab, eos, tokenizer.pad_token_id)
+    gen = torch.Generator().manual_seed(config.seed)
+    tensors = {name: _value(name, shape, gen) for name, shape in tensor_shapes(config, vocab).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    tokenizer.save_pretrained(out)
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    tok_path = out / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_path.read_text())
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # readable by older Transformers too
+    tok_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "do_sample": False}) + "\n")
+    (out / "internvl_launch_original.json").write_text(
+        json.dumps({"generator": ORIGINAL_GENERATOR_VERSION, "config": asdict(config)}, indent=2, sort_keys=True) + "\n"
+    )
+    return out
+
+
+def fidelity_inputs(image_token_id: int, img_start_id: int, img_end_id: int, tiles: int = 2) -> tuple[Any, Any]:
+    """The fixed input of the fidelity check, computed by plain arithmetic so
+    any environment reproduces it exactly: `tiles` 448-pixel tiles of a smooth
+    pattern in [-2, 2] and a prompt of a few text tokens around one image block."""
+    import torch
+
+    n = tiles * 3 * 448 * 448
+    index = torch.arange(n, dtype=torch.float64)
+    pixels = (((index * 0.37) % 1.0) * 4.0 - 2.0).to(torch.float32).reshape(tiles, 3, 448, 448)
+    text_before = [120, 42, 57, 99]  # ordinary tokens: the first ids are special
+    text_after = [23, 150, 77, 64, 31]
+    ids = text_before + [img_start_id] + [image_token_id] * (256 * tiles) + [img_end_id] + text_after
+    return torch.tensor([ids], dtype=torch.long), pixels

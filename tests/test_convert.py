@@ -1,0 +1,261 @@
+"""Original-layout -> native conversion: fidelity against numbers recorded with
+the upstream original modeling code, the files written, and every way a
+source can be unusable (each with its message, nothing written)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from internvl_launch.checkpoint import convert as conv
+from internvl_launch.checkpoint.convert import (
+    MARKER,
+    WeightMapper,
+    cached_conversion,
+    convert,
+    inspect_original,
+)
+from internvl_launch.checkpoint.tiny_original import TinyOriginalConfig, fidelity_inputs, generate_tiny_original
+from internvl_launch.errors import CheckpointError
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "upstream_logits.json").read_text())
+BACKBONES = sorted(REFERENCE["models"])
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("originals")
+    out = {}
+    for name, entry in REFERENCE["models"].items():
+        out[name] = generate_tiny_original(root / name, TinyOriginalConfig(**entry["generator_config"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(originals: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("converted")
+    return {name: Path(convert(src, root / name, verify=False).destination) for name, src in originals.items()}
+
+
+def _logits(path: Path) -> torch.Tensor:
+    from transformers import InternVLForConditionalGeneration
+
+    model = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    added = {t["content"]: t["id"] for t in json.loads((path / "tokenizer.json").read_text())["added_tokens"]}
+    assert model.config.image_token_id == added["<IMG_CONTEXT>"]
+    ids, pixels = fidelity_inputs(added["<IMG_CONTEXT>"], added["<img>"], added["</img>"])
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=pixels).logits[0]
+
+
+def _worst(logits: torch.Tensor, expected: dict) -> float:
+    return max(float((logits[int(pos)] - torch.tensor(row)).abs().max()) for pos, row in expected["positions"].items())
+
+
+def test_the_generator_still_writes_the_checkpoints_the_reference_was_recorded_on(originals: dict[str, Path]) -> None:
+    for name, path in originals.items():
+        digest = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+        assert digest == REFERENCE["models"][name]["model_sha256"], name
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_converted_model_computes_what_the_original_code_computes(converted: dict[str, Path], backbone: str) -> None:
+    expected = REFERENCE["models"][backbone]
+    logits = _logits(converted[backbone])
+    assert _worst(logits, expected) <= TOLERANCE
+    assert int(logits[-1].argmax()) == expected["greedy_last"]
+    assert float(logits.double().sum()) == pytest.approx(expected["sum"], rel=1e-5)
+
+
+def test_the_reference_catches_a_wrong_grouped_query_split(
+    originals: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Splitting InternLM2's packed wqkv as if it were [q; k; v] (the mistake
+    grouped-query attention invites) must move the logits far beyond the tolerance."""
+
+    def naive(self: WeightMapper, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q = self.heads * self.head_dim
+        kv = self.kv_heads * self.head_dim
+        return tensor[:q], tensor[q : q + kv], tensor[q + kv :]
+
+    monkeypatch.setattr(WeightMapper, "split_wqkv", naive)
+    out = convert(originals["internlm2"], tmp_path / "wrong", verify=False)
+    assert _worst(_logits(Path(out.destination)), REFERENCE["models"]["internlm2"]) > 100 * TOLERANCE
+
+
+def test_conversion_writes_a_native_checkpoint_with_the_template_end_token(converted: dict[str, Path]) -> None:
+    for name, path in converted.items():
+        config = json.loads((path / "config.json").read_text())
+        assert config["architectures"] == ["InternVLForConditionalGeneration"]
+        assert config["text_config"]["model_type"] == {"internlm2": "llama"}.get(name, name)
+        assert config["vision_config"]["use_mean_pooling"] is True  # no final norm in the original tower
+        keys = load_file(path / "model.safetensors").keys()
+        assert not any(k.startswith(("vision_model.", "mlp1.")) or ".wqkv." in k or ".qkv." in k for k in keys)
+        tok = json.loads((path / "tokenizer_config.json").read_text())
+        assert "auto_map" not in tok and tok["context_image_token"] == "<IMG_CONTEXT>"
+        vocab = {t["content"]: t["id"] for t in json.loads((path / "tokenizer.json").read_text())["added_tokens"]}
+        end = "<|end|>" if name == "phi3" else "<|im_end|>"
+        generation = json.loads((path / "generation_config.json").read_text())
+        assert generation["eos_token_id"] == vocab[end]
+        assert (path / "preprocessor_config.json").is_file()
+        assert json.loads((path / MARKER).read_text())["backbone"] == name
+    vit6b = json.loads((converted["llama"] / "config.json").read_text())["vision_config"]
+    assert vit6b["norm_type"] == "rms_norm" and vit6b["use_qk_norm"] is True and vit6b["attention_bias"] is False
+
+
+def test_the_chat_template_puts_the_image_token_where_the_image_goes(converted: dict[str, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(converted["phi3"])
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert text.endswith("<|user|>\n<IMG_CONTEXT>\nWhat is it?<|end|><|assistant|>\n")
+
+
+def test_verification_loads_the_result_and_runs_it(originals: dict[str, Path], tmp_path: Path) -> None:
+    report = convert(originals["qwen2"], tmp_path / "out")
+    assert report.verified and report.parameters > 0 and report.dtype == "float32"
+
+
+def test_dtype_is_applied_to_floating_tensors(originals: dict[str, Path], tmp_path: Path) -> None:
+    report = convert(originals["qwen2"], tmp_path / "out", dtype="bfloat16", verify=False)
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16" == report.dtype
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _edit_config(path: Path, **changes: object) -> None:
+    config = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(("value", "absent"), [("v1", False), (None, True)])
+def test_pixel_shuffle_v1_is_refused_with_the_reason(
+    originals: dict[str, Path], tmp_path: Path, value: str | None, absent: bool
+) -> None:
+    src = _copy(originals["qwen2"], tmp_path / "src")
+    _edit_config(src, ps_version=value)
+    with pytest.raises(CheckpointError, match="v1") as err:
+        convert(src, tmp_path / "out")
+    assert ("absent" in err.value.message) is absent
+    assert "--trust-remote-code" in (err.value.hint or "")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickle_weights_are_refused_unless_allowed(originals: dict[str, Path], tmp_path: Path) -> None:
+    src = _copy(originals["qwen2"], tmp_path / "src")
+    torch.save(load_file(src / "model.safetensors"), src / "pytorch_model.bin")
+    (src / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="pickle") as err:
+        convert(src, tmp_path / "out")
+    assert "--allow-pickle" in (err.value.hint or "")
+    assert not (tmp_path / "out").exists()
+    convert(src, tmp_path / "out", allow_pickle=True, verify=False)
+    assert _worst(_logits(tmp_path / "out"), REFERENCE["models"]["qwen2"]) <= TOLERANCE
+
+
+def test_a_truncated_safetensors_file_leaves_nothing_behind(originals: dict[str, Path], tmp_path: Path) -> None:
+    src = _copy(originals["qwen2"], tmp_path / "src")
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        convert(src, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_an_unknown_tensor_fails_the_conversion_and_leaves_the_old_destination(
+    originals: dict[str, Path], tmp_path: Path
+) -> None:
+    src = _copy(originals["qwen2"], tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    tensors["vision_model.encoder.layers.0.attn.extra.weight"] = torch.zeros(2)
+    save_file(tensors, src / "model.safetensors")
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("old")
+    with pytest.raises(CheckpointError, match="no counterpart"):
+        convert(src, dst, overwrite=True)
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_a_non_empty_destination_needs_overwrite(originals: dict[str, Path], tmp_path: Path) -> None:
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="not empty") as err:
+        convert(originals["qwen2"], dst, verify=False)
+    assert "--overwrite" in (err.value.hint or "")
+    assert (dst / "notes.txt").read_text() == "mine"
+    convert(originals["qwen2"], dst, verify=False, overwrite=True)
+    assert not (dst / "notes.txt").exists() and (dst / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda p: (p / "config.json").unlink(), "no config.json"),
+        (lambda p: (p / "model.safetensors").unlink(), "no weights"),
+        (lambda p: (p / "config.json").write_text("{not json"), "not readable JSON"),
+        (
+            lambda p: (p / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]})),
+            "not an original-layout InternVL checkpoint",
+        ),
+    ],
+)
+def test_broken_sources_are_named(originals: dict[str, Path], tmp_path: Path, mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    src = _copy(originals["qwen2"], tmp_path / "src")
+    mutate(src)
+    with pytest.raises(CheckpointError, match=message):
+        inspect_original(src)
+
+
+def test_an_unsupported_language_model_is_named(originals: dict[str, Path], tmp_path: Path) -> None:
+    src = _copy(originals["qwen2"], tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["llm_config"]["architectures"] = ["MistralForCausalLM"]
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="MistralForCausalLM"):
+        inspect_original(src)
+
+
+def test_the_conversion_is_cached_and_reused(originals: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    first, cached = cached_conversion(originals["llama"], repo_id="OpenGVLab/Tiny", revision="abc123")
+    assert not cached and (first / MARKER).is_file()
+    assert first.name == f"abc123-v{conv.CONVERTER_VERSION}"
+    calls = []
+    monkeypatch.setattr(conv, "convert", lambda *a, **k: calls.append(a))
+    again, cached = cached_conversion(originals["llama"], repo_id="OpenGVLab/Tiny", revision="abc123")
+    assert cached and again == first and calls == []
+
+
+def test_a_local_source_is_converted_again_when_its_files_change(originals: dict[str, Path], tmp_path: Path) -> None:
+    src = _copy(originals["qwen2"], tmp_path / "src")
+    first, _ = cached_conversion(src)
+    config = json.loads((src / "config.json").read_text())
+    config["max_dynamic_patch"] = 6
+    (src / "config.json").write_text(json.dumps(config, indent=4))
+    second, cached = cached_conversion(src)
+    assert second != first and not cached
+    assert json.loads((second / "preprocessor_config.json").read_text())["max_patches"] == 6
