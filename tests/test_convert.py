@@ -259,3 +259,46 @@ def test_a_local_source_is_converted_again_when_its_files_change(originals: dict
     second, cached = cached_conversion(src)
     assert second != first and not cached
     assert json.loads((second / "preprocessor_config.json").read_text())["max_patches"] == 6
+
+
+def test_convert_command_prints_a_json_summary(originals: dict[str, Path], tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+    code, out, err = run_cli("convert", str(originals["phi3"]), str(tmp_path / "out"), "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["backbone"] == "phi3" and summary["verified"] is True
+    assert summary["template"] == "phi3-chat" and summary["dtype"] == "float32"
+    assert summary["parameters"] == sum(t.numel() for t in load_file(tmp_path / "out" / "model.safetensors").values())
+    assert "model.safetensors" in summary["files"] and summary["seconds"] > 0
+    assert summary["mapped"]["vision qkv split"] == 4  # two layers, weight and bias
+
+
+def test_convert_command_reports_what_it_mapped(originals: dict[str, Path], tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = run_cli("convert", str(originals["internlm2"]), str(tmp_path / "out"), "--no-verify")
+    assert code == 0
+    assert "internlm2 backbone -> llama" in out and "internlm2 wqkv split: 2" in out
+    assert "verified" not in out
+
+
+@pytest.mark.parametrize("broken", ["not-empty", "truncated", "not-internvl", "no-weights"])
+def test_convert_command_failures_exit_12_and_write_nothing(
+    originals: dict[str, Path],
+    tmp_path: Path,
+    run_cli,  # type: ignore[no-untyped-def]
+    broken: str,
+) -> None:
+    src = _copy(originals["qwen2"], tmp_path / "src")
+    dst = tmp_path / "dst"
+    if broken == "not-empty":
+        dst.mkdir()
+        (dst / "x").write_text("x")
+    elif broken == "truncated":
+        data = (src / "model.safetensors").read_bytes()
+        (src / "model.safetensors").write_bytes(data[:100])
+    elif broken == "not-internvl":
+        (src / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    else:
+        (src / "model.safetensors").unlink()
+    code, out, _err = run_cli("convert", str(src), str(dst), "--json")
+    assert code == 12
+    assert json.loads(out)["error"] == "CheckpointError"
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["dst", "src"] if broken == "not-empty" else ["src"])

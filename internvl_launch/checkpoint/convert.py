@@ -652,8 +652,6 @@ def convert(
         write_processor_files(tmp, max_tiles=int(src.config.get("max_dynamic_patch", 12)))
         if mapper.ignored:
             notes.append(f"skipped {len(mapper.ignored)} training-only tensor(s), e.g. {mapper.ignored[0]}")
-        for what, count in sorted(mapper.mapped.items()):
-            say(f"  {what}: {count}")
         report = ConversionReport(
             source=str(src.path),
             destination=str(dst),
@@ -698,19 +696,23 @@ def _replace(tmp: Path, dst: Path) -> None:
 
 
 def verify_checkpoint(path: Path) -> None:
-    """Load a native checkpoint with Transformers' classes and run one forward
-    pass on a generated one-tile image; raise if anything fails."""
+    """Load a native checkpoint with Transformers' classes (in its own dtype,
+    on the GPU when there is one) and run one forward pass on a generated
+    one-tile image; raise if anything fails or a weight is missing."""
     import torch
     from PIL import Image
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
     from internvl_launch.prompt.templates import IMG_CONTEXT, IMG_END, IMG_START
     from internvl_launch.vision.tiling import preprocess_image
 
+    hf_logging.disable_progress_bar()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model, info = InternVLForConditionalGeneration.from_pretrained(
-            path, dtype=torch.float32, output_loading_info=True
+            path, dtype="auto", device_map=device, output_loading_info=True
         )
         model.eval()
         problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -725,12 +727,12 @@ def verify_checkpoint(path: Path) -> None:
             )
         size = model.config.vision_config.image_size[0]
         image = Image.new("RGB", (size, size), (200, 120, 40))
-        pixels = preprocess_image(image, max_tiles=1, image_size=size, cache=False)
+        pixels = preprocess_image(image, max_tiles=1, image_size=size, cache=False, dtype=model.dtype)
         tokens_per_tile = model.config.image_seq_length
         text = f"{IMG_START}{IMG_CONTEXT * tokens_per_tile * pixels.shape[0]}{IMG_END}\nDescribe the image."
         ids = tokenizer(text, return_tensors="pt").input_ids
         with torch.no_grad():
-            logits = model(input_ids=ids, pixel_values=pixels).logits
+            logits = model(input_ids=ids.to(device), pixel_values=pixels.to(device)).logits
     except CheckpointError:
         raise
     except Exception as err:
@@ -738,7 +740,7 @@ def verify_checkpoint(path: Path) -> None:
             f"The converted checkpoint did not load and run: {type(err).__name__}: {err}.",
             hint="Nothing was written. Run with INTERNVL_DEBUG=1 for a traceback, or --no-verify to skip the check.",
         ) from err
-    if not torch.isfinite(logits).all():
+    if not torch.isfinite(logits.float()).all():
         raise CheckpointError("The converted checkpoint computes non-finite logits on a test image.")
 
 

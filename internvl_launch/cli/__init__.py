@@ -9,7 +9,14 @@ import sys
 import click
 
 from internvl_launch import __version__
-from internvl_launch.cli import chat_command, env_command, plan_commands, registry_commands, serve_commands
+from internvl_launch.cli import (
+    chat_command,
+    checkpoint_commands,
+    env_command,
+    plan_commands,
+    registry_commands,
+    serve_commands,
+)
 from internvl_launch.cli._errors import EXIT_INTERNAL, report
 from internvl_launch.errors import InternVLError
 
@@ -27,6 +34,7 @@ def cli() -> None:
     internvl launch -n internvl-tiny --port 0 --detach --json
     internvl ps ; internvl stop internvl-tiny
     internvl chat -n internvl2 -s 2 --image cat.jpg "Describe it" --print-prompt
+    internvl convert ./InternVL2-8B-finetuned ./InternVL2-8B-finetuned-hf
     """
 
 
@@ -40,6 +48,7 @@ for command in (
     serve_commands.stop_command,
     serve_commands.download_command,
     chat_command.chat_command,
+    checkpoint_commands.convert_command,
     env_command.env_command,
 ):
     cli.add_command(command)
