@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,22 +178,28 @@ class InternVLModel:
 
 
 def load(
-    model_name: str = "internvl-tiny",
+    model_name: str | None = None,
     *,
     size: float | str | None = None,
     quantization: str | None = None,
     model_format: str | None = None,
     device: str = "auto",
     model_path: str | os.PathLike[str] | None = None,
+    template: str | None = None,
     max_tiles: int | None = None,
     specs_dirs: Sequence[str] = (),
     memory_check: bool | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> InternVLModel:
     """Resolve the model as `internvl resolve` would (Transformers engine),
-    find its weights and load it. The memory check is skipped for a local
+    find its weights and load it. Without a name, `model_path` describes
+    itself (layout, backbone, template, tiles, size), and with neither the
+    built-in internvl-tiny is loaded. The memory check is skipped for a local
     `model_path` unless `memory_check` says otherwise."""
     from internvl_launch.request import parse_size
 
+    if model_name is None:
+        model_name = "" if model_path is not None else "internvl-tiny"
     request = LaunchRequest(
         model_name=model_name,
         size=parse_size(size) if size is not None else None,
@@ -202,6 +208,8 @@ def load(
         engine="transformers",
         device=device,  # type: ignore[arg-type]
         memory_check=(model_path is None) if memory_check is None else memory_check,
+        model_path=str(model_path) if model_path is not None else None,
+        template=template,
     )
     plan = resolve_plan(load_registry(specs_dirs), request, probe_environment())
     if plan.quantization not in ("none", "8-bit", "4-bit"):
@@ -209,7 +217,7 @@ def load(
             f"Quantization {plan.quantization} is not supported by this version's Transformers engine.",
             hint="Use none, 8-bit or 4-bit, or the vLLM engine.",
         )
-    path = locate_weights(plan, model_path)
+    path = locate_weights(plan, notify=notify)
     engine = TransformersEngine(
         path,
         device=plan.device,

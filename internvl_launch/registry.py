@@ -25,12 +25,12 @@ from internvl_launch.errors import InvalidSpecError, SpecIssue, UnknownModelErro
 from internvl_launch.paths import cache_dir, user_specs_dir
 
 # Bump when the dataclasses below change shape: it invalidates cached registries.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 Format = Literal["pytorch", "awq"]
 Template = Literal["Hermes-2", "internlm2-chat", "phi3-chat", "internvl2_5"]
 LLMArch = Literal["qwen2", "internlm2", "llama", "phi3"]
-Hub = Literal["huggingface", "modelscope", "builtin"]
+Hub = Literal["huggingface", "modelscope", "builtin", "local"]
 Layout = Literal["original", "native"]
 Ability = Literal["chat", "vision", "video"]
 
@@ -238,6 +238,24 @@ def load_registry(specs_dirs: Sequence[str | os.PathLike[str]] = (), *, use_cach
     return registry
 
 
+def check_addition(family: Family, source: str, *, replacing: Path | None = None) -> Registry:
+    """The registry as it would be with `family` (from `source`) added to the
+    user's overlays, `replacing` left out: raises `InvalidSpecError` on a name
+    or alias clash, exactly as loading would."""
+    builtin = spec_files(builtin_specs_dir())
+    overlays = [f for d in overlay_dirs() for f in spec_files(d) if replacing is None or f != replacing]
+    loaded: list[tuple[Family, str, bool]] = []
+    issues: list[SpecIssue] = []
+    for path, is_builtin in [(f, True) for f in builtin] + [(f, False) for f in overlays]:
+        found, file_issues = validate_file(path)
+        issues += file_issues
+        if found is not None:
+            loaded.append((found, str(path), is_builtin))
+    if issues:
+        raise InvalidSpecError(issues, hint="Fix the spec files above first.")
+    return _merge([*loaded, (family, source, False)])
+
+
 def _merge(loaded: list[tuple[Family, str, bool]]) -> Registry:
     by_name: dict[str, tuple[Family, str, bool]] = {}
     issues: list[SpecIssue] = []
@@ -346,6 +364,12 @@ def semantic_issues(family: Family) -> list[tuple[tuple[str | int, ...], str]]:
             out.append(((*at, "hubs"), "name at least one hub"))
         if "builtin" in spec.hubs and len(spec.hubs) > 1:
             out.append(((*at, "hubs"), "a builtin spec has no other hubs"))
+        if "local" in spec.hubs:
+            where = spec.hubs["local"]
+            if len(spec.hubs) > 1:
+                out.append(((*at, "hubs"), "a local spec has no other hubs"))
+            if not (where.startswith(("/", "~")) or re.match(r"[A-Za-z]:[\\/]", where)):
+                out.append(((*at, "hubs", "local"), "give an absolute path (or one starting with ~)"))
         llm = spec.llm
         if min(llm.layers, llm.attention_heads, llm.kv_heads, llm.head_dim) <= 0:
             out.append(((*at, "llm"), "layers, attention_heads, kv_heads and head_dim must be positive"))

@@ -41,6 +41,11 @@ class LaunchRequest:
     gpus: int | None = None
     max_model_len: int | None = None
     memory_check: bool = True
+    #: A checkpoint directory to use instead of a hub download; without a
+    #: model name, the spec is read from the checkpoint itself.
+    model_path: str | None = None
+    #: Overrides the spec's (or the checkpoint's) conversation template.
+    template: str | None = None
 
 
 def parse_size(text: str | float | int) -> float:
@@ -130,6 +135,8 @@ def parse_model_reference(text: str) -> tuple[str, float | None, str | None, str
 def merge_reference(request: LaunchRequest) -> LaunchRequest:
     """Fold a `name:tag` model reference into the request's fields. A flag that
     contradicts the tag is an error, not a silent choice."""
+    if not request.model_name and request.model_path:
+        return request
     name, size, fmt, quant = parse_model_reference(request.model_name)
     if name == request.model_name:
         return request

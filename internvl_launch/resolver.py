@@ -8,12 +8,12 @@ value. Every rule that picks an engine is a row of `ENGINE_RULES`.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from internvl_launch.environment import GPU, Environment
 from internvl_launch.errors import EngineUnavailableError, NoMatchingSpecError, NotEnoughMemoryError
-from internvl_launch.registry import Family, Registry, Spec, format_size
+from internvl_launch.registry import QUANTIZATIONS, Backbone, Family, Registry, Spec, VisionTower, format_size
 from internvl_launch.request import (
     HUBS,
     LaunchRequest,
@@ -136,6 +136,8 @@ class LaunchPlan:
     memory: MemoryEstimate
     max_model_len: int
     context_length: int
+    #: For each value read from a local checkpoint or given by a flag, where it came from.
+    provenance: dict[str, str] = field(default_factory=dict)
 
     @property
     def model_ref(self) -> str:
@@ -179,6 +181,7 @@ class LaunchPlan:
             "memory_gib": self.memory.to_dict(),
             "max_model_len": self.max_model_len,
             "context_length": self.context_length,
+            "provenance": dict(self.provenance),
         }
 
 
@@ -307,23 +310,121 @@ def estimate_memory(
 def select_model(registry: Registry, request: LaunchRequest) -> tuple[Family, Spec, str, list[str]]:
     """The family, spec and quantization a request names, without looking at
     the machine (what the prompt and the registry commands need); the reasons
-    list every default filled in."""
+    list every default filled in. With `--model-path` and no model name, the
+    spec is read from the checkpoint (see `checkpoint.local`)."""
+    family, spec, quantization, reasons, _ = select_model_with_provenance(registry, request)
+    return family, spec, quantization, reasons
+
+
+def select_model_with_provenance(
+    registry: Registry, request: LaunchRequest
+) -> tuple[Family, Spec, str, list[str], dict[str, str]]:
+    """`select_model`, plus where each value of a local checkpoint's spec came from."""
     try:
         request = merge_reference(request)
     except RequestError as exc:
         raise NoMatchingSpecError(
             str(exc), hint="Use name:SIZE[-FORMAT][-QUANTIZATION], e.g. internvl2:8b-awq."
         ) from exc
-    family = registry.family(request.model_name)
-    spec, quantization, reasons = select_spec(family, request)
-    return family, spec, quantization, reasons
+    provenance: dict[str, str] = {}
+    if request.model_path and not request.model_name:
+        family, spec, quantization, reasons, provenance = _local_model(request)
+    else:
+        family = registry.family(request.model_name)
+        spec, quantization, reasons = select_spec(family, request)
+        if request.model_path:
+            from internvl_launch.checkpoint.local import describe_checkpoint
+
+            local = describe_checkpoint(request.model_path)
+            spec = replace(spec, layout=local.layout)  # type: ignore[arg-type]
+            provenance = {"spec": f"registry: {family.name} (--model-name)", "layout": local.provenance["layout"]}
+    if request.template:
+        spec = _with_template(
+            spec, request.template, keep_system=bool(provenance.get("system_message", "").startswith("config"))
+        )
+        provenance["template"] = "--template"
+    return family, spec, quantization, reasons, provenance
+
+
+def _with_template(spec: Spec, name: str, *, keep_system: bool) -> Spec:
+    from internvl_launch.prompt.templates import DEFAULT_SYSTEM_MESSAGES, TEMPLATES
+
+    if name not in TEMPLATES:
+        raise NoMatchingSpecError(f"Unknown template {name!r}.", hint=f"Choose one of: {', '.join(TEMPLATES)}.")
+    system = spec.system_message if keep_system else DEFAULT_SYSTEM_MESSAGES[name]
+    return replace(spec, template=name, stop=TEMPLATES[name].stop_strings, system_message=system)  # type: ignore[arg-type]
+
+
+def _local_model(request: LaunchRequest) -> tuple[Family, Spec, str, list[str], dict[str, str]]:
+    """A one-spec family described by the checkpoint at `request.model_path`;
+    flags (size, format, quantization) override what was read."""
+    from internvl_launch.checkpoint.local import describe_checkpoint
+    from internvl_launch.prompt.templates import DEFAULT_SYSTEM_MESSAGES, TEMPLATES
+
+    assert request.model_path is not None
+    local = describe_checkpoint(request.model_path)
+    provenance = dict(local.provenance)
+    reasons = [f"spec read from {local.path} ({local.layout} layout, {local.arch}, template {local.template})"]
+    size = local.size
+    if request.size is not None:
+        size = request.size
+        provenance["size"] = f"--size-in-billions (the checkpoint counts {local.parameters:,} parameters)"
+    if request.format is not None and request.format != local.format:
+        raise NoMatchingSpecError(
+            f"--model-format {request.format} contradicts the checkpoint, which is {local.format} "
+            f"({provenance['format']}).",
+            hint="Drop --model-format; it is read from the checkpoint.",
+        )
+    offered = tuple(q for q in QUANTIZATIONS[local.format] if q != "Int8")
+    quantization = offered[0]
+    if request.quantization is not None:
+        matched = match_quantization(request.quantization, offered)
+        if matched is None:
+            raise NoMatchingSpecError(
+                f"A local {local.format} checkpoint cannot be run at quantization {request.quantization}.",
+                hint=f"Choose one of: {', '.join(offered)}.",
+            )
+        quantization = matched
+        provenance["quantization"] = "--quantization"
+    else:
+        reasons.append(f"quantization not given: picked {quantization}")
+    template = TEMPLATES[local.template]
+    spec = Spec(
+        format=local.format,  # type: ignore[arg-type]
+        size=size,
+        quantizations=offered,
+        hubs={"local": str(local.path)},
+        llm=Backbone(
+            arch=local.arch,  # type: ignore[arg-type]
+            name=local.llm_name,
+            layers=local.layers,
+            attention_heads=local.attention_heads,
+            kv_heads=local.kv_heads,
+            head_dim=local.head_dim,
+        ),
+        vision=VisionTower(name=local.vision_name, params_b=round(local.vision_params / 1e9, 3)),
+        template=local.template,  # type: ignore[arg-type]
+        system_message=local.system_message or DEFAULT_SYSTEM_MESSAGES[local.template],
+        stop=template.stop_strings,
+        max_tiles=local.max_tiles,
+        layout=local.layout,  # type: ignore[arg-type]
+    )
+    family = Family(
+        name=local.path.name or "local",
+        description=f"local checkpoint {local.path}",
+        languages=(),
+        abilities=("chat", "vision"),
+        context_length=local.context_length,
+        specs=(spec,),
+    )
+    return family, spec, quantization, reasons, provenance
 
 
 def resolve_plan(registry: Registry, request: LaunchRequest, env: Environment) -> LaunchPlan:
     """Turn a request into a plan for this environment, or raise a typed error
     (unknown model, no matching spec, engine unavailable, not enough memory)
     whose hint says what to do instead."""
-    family, spec, quantization, reasons = select_model(registry, request)
+    family, spec, quantization, reasons, provenance = select_model_with_provenance(registry, request)
     request = merge_reference(request)
     rule = rule_for(spec.format, quantization)
     reasons.append(f"engine rule ({spec.format}, {rule.quant_kind}): {rule.why}")
@@ -373,6 +474,7 @@ def resolve_plan(registry: Registry, request: LaunchRequest, env: Environment) -
         memory=memory,
         max_model_len=max_len,
         context_length=family.context_length,
+        provenance=provenance,
     )
 
 
@@ -535,6 +637,10 @@ def _smaller_hint(spec: Spec, quantization: str) -> str:
 
 
 def _choose_hub(spec: Spec, quantization: str, request: LaunchRequest) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+    if request.model_path:
+        return "local", str(request.model_path), ()
+    if "local" in spec.hubs:
+        return "local", os.path.expanduser(spec.hubs["local"]), ()
     if "builtin" in spec.hubs:
         return "builtin", spec.repo_id("builtin", quantization), ()
     order = [h for h in spec.hubs if h in HUBS]

@@ -37,7 +37,13 @@ def fetch_weights(
     plan: LaunchPlan, *, trust_remote_code: bool = False, allow_pickle: bool = False, notify: Notify | None = None
 ) -> Download:
     """The plan's weights on this machine: the built-in tiny model (generated
-    on first use), or a download through the plan's hubs in order."""
+    on first use), a local directory, or a download through the plan's hubs in order."""
+    if plan.hub == "local":
+        path = Path(plan.repo_id).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is not a directory.", hint="Check the path the spec or --model-path names.")
+        files = tuple(sorted(p.name for p in path.iterdir() if p.is_file()))
+        return Download(path, "local", plan.repo_id, None, files)
     if plan.hub == "builtin":
         from internvl_launch.checkpoint.tiny import tiny_checkpoint
 
@@ -67,8 +73,10 @@ def locate_weights(
     directory's contents); vLLM with --trust-remote-code serves them as they are."""
     repo_id: str | None = None
     revision: str | None = None
+    if model_path is None and plan.hub == "local":
+        model_path = plan.repo_id
     if model_path is not None:
-        path = Path(model_path)
+        path = Path(model_path).expanduser()
         if not (path / "config.json").is_file():
             raise CheckpointError(
                 f"{path} is not a checkpoint directory (no config.json).",

@@ -54,12 +54,17 @@ def server_env(cache: Path, home: Path) -> dict[str, str]:
 
 @contextmanager
 def running_server(
-    tmp: Path, cache: Path, *args: str, timeout: float = 120.0, env: dict[str, str] | None = None
+    tmp: Path,
+    cache: Path,
+    *args: str,
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
+    model: tuple[str, ...] = ("-n", "internvl-tiny"),
 ) -> Iterator[Server]:
     tmp.mkdir(parents=True, exist_ok=True)
     ready_file = tmp / "ready.json"
     log = tmp / "server.log"
-    command = [sys.executable, "-m", "internvl_launch", "launch", "-n", "internvl-tiny", "--port", "0"]
+    command = [sys.executable, "-m", "internvl_launch", "launch", *model, "--port", "0"]
     command += ["--ready-file", str(ready_file), *args]
     with log.open("wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env or server_env(cache, tmp))

@@ -94,7 +94,7 @@ def test_usage_errors_exit_2(run_cli: Run) -> None:
     code, _, err = run_cli("resolve", "-n", "internvl2", "--engine", "sglang")
     assert code == 2 and "engine 'sglang' is not one of: vllm, transformers" in err
     code, _, err = run_cli("resolve", "--model-nam", "internvl2")
-    assert code == 2 and "(Did you mean one of: '--model-engine', '--model-format', '--model-name'?)" in err
+    assert code == 2 and "(Did you mean one of: '--model-format', '--model-name', '--model-path'?)" in err
     code, _, err = run_cli("resolve", "-n", "internvl2:8b", "-s", "2")
     assert code == 4 and "contradicts the model reference" in err
 

@@ -128,3 +128,69 @@ def test_child_killed_while_serving_fails_the_launch(tmp_path: Path) -> None:
         [sys.executable, "-m", "internvl_launch", "ps", "--json"], capture_output=True, text=True, env=env
     )
     assert json.loads(listed.stdout) == []
+
+
+def test_an_original_spec_served_converted_gets_the_native_tiling_flag(tmp_path: Path) -> None:
+    from internvl_launch.checkpoint.convert import convert
+    from internvl_launch.checkpoint.tiny_original import TinyOriginalConfig, generate_tiny_original
+
+    plan = plan_for("internvl2.5", 8)
+    assert plan.spec.layout == "original"
+    original = generate_tiny_original(tmp_path / "orig", TinyOriginalConfig("qwen2"))
+    served_as_is = vllm_command(plan, original, ServeOptions(trust_remote_code=True, max_tiles=6), 8000)
+    assert json.loads(flag(served_as_is, "--mm-processor-kwargs")) == {"max_dynamic_patch": 6}
+    native = Path(convert(original, tmp_path / "native", verify=False).destination)
+    converted = vllm_command(plan, native, ServeOptions(max_tiles=6), 8000)
+    assert json.loads(flag(converted, "--mm-processor-kwargs")) == {"max_patches": 6}
+
+
+@pytest.mark.vllm
+def test_vllm_serves_a_converted_original_checkpoint_without_remote_code(tmp_path: Path) -> None:
+    """An InternLM2-backbone original checkpoint, converted on launch (to a
+    Llama text model), served by a real vLLM without --trust-remote-code."""
+    import base64
+
+    import httpx
+    from servers import png_bytes
+
+    from internvl_launch.checkpoint.tiny_original import TinyOriginalConfig, generate_tiny_original
+
+    original = generate_tiny_original(tmp_path / "orig", TinyOriginalConfig("internlm2"))
+    env = _vllm_env(tmp_path, tmp_path / "cache")
+    ready_file = tmp_path / "ready.json"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "internvl_launch", "launch", "--model-path", str(original), "-e", "vllm",
+         "--port", "0", "--ready-file", str(ready_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while not ready_file.exists():
+            assert launcher.poll() is None, launcher.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        ready = json.loads(ready_file.read_text())
+        image = "data:image/png;base64," + base64.b64encode(png_bytes((400, 300))).decode()
+        reply = httpx.post(
+            ready["url"] + "/chat/completions",
+            json={
+                "model": "orig",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "?"}],
+                    }
+                ],
+                "max_tokens": 4,
+                "temperature": 0,
+            },
+            timeout=120,
+        )
+        assert reply.status_code == 200, reply.text
+        usage = reply.json()["usage"]
+        assert usage["completion_tokens"] >= 1 and usage["prompt_tokens"] > 256
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        _out, err = launcher.communicate(timeout=120)
+    assert "Converting" in err and "--trust-remote-code" not in err
+    assert (tmp_path / "cache" / "converted" / "local").is_dir()

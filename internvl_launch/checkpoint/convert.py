@@ -97,6 +97,7 @@ class ConversionReport:
     backbone: str
     native_text_model: str
     template: str | None
+    system_message: str
     parameters: int
     dtype: str
     files: list[str]
@@ -658,6 +659,7 @@ def convert(
             backbone=src.backbone,
             native_text_model=NATIVE_TEXT[src.backbone],
             template=template.name,
+            system_message=message,
             parameters=params,
             dtype=dtype or dominant,
             files=[*sorted(p.name for p in tmp.iterdir() if p.is_file()), MARKER],

@@ -35,6 +35,8 @@ def cli() -> None:
     internvl ps ; internvl stop internvl-tiny
     internvl chat -n internvl2 -s 2 --image cat.jpg "Describe it" --print-prompt
     internvl convert ./InternVL2-8B-finetuned ./InternVL2-8B-finetuned-hf
+    internvl launch --model-path ./InternVL2-8B-finetuned -q 8-bit
+    internvl register my-specs/finetuned.yaml ; internvl unregister my-internvl
     """
 
 
@@ -42,6 +44,8 @@ for command in (
     registry_commands.list_command,
     registry_commands.show_command,
     registry_commands.validate_command,
+    registry_commands.register_command,
+    registry_commands.unregister_command,
     plan_commands.resolve_command,
     serve_commands.launch_command,
     serve_commands.ps_command,

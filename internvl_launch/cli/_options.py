@@ -44,7 +44,22 @@ def model_options(f: F) -> F:
     """The seed-compatible model selection flags, with their short forms."""
     decorators = [
         click.option(
-            "--model-name", "-n", required=True, help="Family name or alias, or a reference like internvl2:8b-awq."
+            "--model-name",
+            "-n",
+            default="",
+            help="Family name or alias, or a reference like internvl2:8b-awq. "
+            "Optional with --model-path, whose checkpoint describes itself.",
+        ),
+        click.option(
+            "--model-path",
+            type=click.Path(file_okay=False),
+            help="A local checkpoint directory (original or native layout) instead of a hub download; "
+            "layout, backbone, template, tile limit and size are read from its config.",
+        ),
+        click.option(
+            "--template",
+            type=click.Choice(["Hermes-2", "internlm2-chat", "phi3-chat", "internvl2_5"]),
+            help="Conversation template, overriding the spec's or the checkpoint's.",
         ),
         click.option(
             "--size-in-billions", "-s", "size", callback=_converter(parse_size), help="Model size: 8, 8b, 8B, 0.5."

@@ -99,9 +99,6 @@ def prompt_for(spec: Spec, messages: list[Message], tiles: list[list[int]]) -> P
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, help="Seed for sampling.")
 @click.option("--stream", is_flag=True, help="Print the answer as it is generated.")
-@click.option(
-    "--model-path", type=click.Path(file_okay=False), help="Local native checkpoint to load instead of the hub."
-)
 @click.option("--print-prompt", is_flag=True, help="Print the exact prompt that would be tokenized, and stop.")
 @click.option(
     "--compact-images",
@@ -122,7 +119,6 @@ def chat_command(
     top_p: float,
     seed: int | None,
     stream: bool,
-    model_path: str | None,
     print_prompt: bool,
     compact_images: bool,
     as_json: bool,
@@ -130,8 +126,9 @@ def chat_command(
 ) -> None:
     """Ask a model one question, with images or a video, from the shell.
 
-    Runs on the Transformers engine; weights come from --model-path or the
-    built-in internvl-tiny model (hub downloads are not in this version).
+    Runs on the Transformers engine; weights come through the same plan and
+    download path as `launch` (a hub, the built-in internvl-tiny, or
+    --model-path; original-layout checkpoints are converted once and cached).
 
     \b
     internvl chat -n internvl2 -s 2 --image cat.jpg "Describe the image" --print-prompt
@@ -183,7 +180,6 @@ def chat_command(
         params={"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
         stream=stream,
         as_json=as_json,
-        model_path=model_path,
     )
 
 
@@ -197,7 +193,6 @@ def _generate(
     params: dict[str, Any],
     stream: bool,
     as_json: bool,
-    model_path: str | None,
 ) -> None:
     import time
 
@@ -211,7 +206,9 @@ def _generate(
         quantization=flags["quantization"],
         model_format=flags["fmt"],
         device=flags["device"],
-        model_path=model_path,
+        model_path=flags["model_path"],
+        template=flags["template"],
+        notify=lambda m: click.echo(f"internvl: {m}", err=True),
         max_tiles=max_tiles,
         specs_dirs=flags["specs_dirs"],
         memory_check=not flags["no_memory_check"],

@@ -16,8 +16,12 @@ from internvl_launch.resolver import ENGINE_RULES, LaunchPlan, resolve_plan
 
 def request_from_flags(flags: dict[str, Any]) -> LaunchRequest:
     """The request the shared model flags describe."""
+    if not flags["model_name"] and not flags["model_path"]:
+        raise click.UsageError("Name a model with --model-name, or give a checkpoint directory with --model-path.")
     return LaunchRequest(
         model_name=flags["model_name"],
+        model_path=flags["model_path"],
+        template=flags["template"],
         size=flags["size"],
         format=flags["fmt"],
         quantization=flags["quantization"],
@@ -75,6 +79,11 @@ def render_plan(plan: LaunchPlan, env: Environment, explain: bool) -> None:
         f"{m.per_device:.1f} GiB per device; {avail}" + ("" if m.fits else "  (DOES NOT FIT)")
     )
     echo(f"context    {plan.max_model_len} tokens; up to {s.max_tiles} tiles per image; stop {', '.join(s.stop)}")
+    if plan.provenance:
+        width = max(len(k) for k in plan.provenance)
+        echo("from")
+        for what, where in plan.provenance.items():
+            echo(f"  {what.ljust(width)}  {where}")
     if explain:
         echo("")
         echo("why:")

@@ -1,4 +1,5 @@
-"""`internvl list`, `show` and `validate`: reading the registry."""
+"""`internvl list`, `show` and `validate` read the registry; `register` and
+`unregister` add and remove the user's own families."""
 
 from __future__ import annotations
 
@@ -169,3 +170,108 @@ def validate_command(paths: tuple[str, ...], as_json: bool) -> None:
         if not as_json:
             note(f"{len(issues)} problem(s) found; nothing was launched.")
         raise click.exceptions.Exit(EXIT_INVALID_SPEC)
+
+
+@click.command("register")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--replace", is_flag=True, help="Replace an earlier registration of the same family.")
+@json_option
+def register_command(path: str, replace: bool, as_json: bool) -> None:
+    """Add a family from a spec file to your registry.
+
+    \b
+    The file is validated (as `internvl validate` does), local checkpoint
+    paths it names are checked, and it is copied into your spec directory,
+    which every command reads. A built-in name is replaced only when the file
+    says `overrides_builtin: true`.
+    """
+    import os
+    import tempfile
+
+    from internvl_launch.checkpoint.local import describe_checkpoint
+    from internvl_launch.paths import user_specs_dir
+    from internvl_launch.registry import builtin_specs_dir, check_addition
+
+    source = Path(path)
+    if not source.is_file():
+        raise InvalidSpecError([SpecIssue(path, None, "", "no such file")], hint="Give the path of a *.yaml spec file.")
+    family, issues = validate_file(source)
+    if family is None:
+        raise InvalidSpecError(issues, hint="Fix the spec file; nothing was registered.")
+    for spec in family.specs:
+        if "local" in spec.hubs:
+            describe_checkpoint(os.path.expanduser(spec.hubs["local"]))
+    target_dir = user_specs_dir()
+    target = target_dir / f"{family.name}.yaml"
+    if target.exists() and not replace:
+        raise InvalidSpecError(
+            [SpecIssue(str(source), None, "name", f"{family.name!r} is already registered ({target})")],
+            hint="Pass --replace to replace it, or `internvl unregister` it first.",
+        )
+    registry = check_addition(family, str(source), replacing=target if target.exists() else None)
+    replaces_builtin = family.overrides_builtin and any(
+        f.stem == family.name or _defines(f, family.name) for f in spec_files(builtin_specs_dir())
+    )
+    target_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{family.name}.", suffix=".tmp", dir=target_dir)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(source.read_bytes())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    result = {
+        "registered": family.name,
+        "file": str(target),
+        "specs": len(family.specs),
+        "replaces_builtin": replaces_builtin,
+        "families": len(registry.families),
+    }
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"registered {family.name} ({len(family.specs)} specs): {target}")
+    if replaces_builtin:
+        note(f"internvl: {family.name} replaces the built-in family of that name (overrides_builtin: true).")
+
+
+def _defines(path: Path, name: str) -> bool:
+    family, _ = validate_file(path)
+    return family is not None and family.name == name
+
+
+@click.command("unregister")
+@click.argument("name")
+@json_option
+def unregister_command(name: str, as_json: bool) -> None:
+    """Remove a family that `internvl register` added."""
+    from internvl_launch.errors import UnknownModelError
+    from internvl_launch.paths import user_specs_dir
+    from internvl_launch.registry import normalize_name
+
+    wanted = normalize_name(name)
+    registered: list[str] = []
+    for path in spec_files(user_specs_dir()):
+        family, _ = validate_file(path)
+        if family is None:
+            continue
+        registered.append(family.name)
+        if any(normalize_name(n) == wanted for n in family.names()):
+            path.unlink()
+            if as_json:
+                emit_json({"unregistered": family.name, "file": str(path)})
+            else:
+                click.echo(f"unregistered {family.name}: removed {path}")
+            return
+    found = load_registry().find(name)
+    if found is not None:
+        source = load_registry().sources.get(found.name, "")
+        raise UnknownModelError(
+            f"{found.name} was not added by `internvl register`; it comes from {source}.",
+            hint="Built-in families cannot be unregistered; remove other spec files where they are.",
+        )
+    raise UnknownModelError(
+        f"No registered family is called {name!r}.",
+        hint=f"Registered: {', '.join(registered)}." if registered else "Nothing is registered.",
+    )

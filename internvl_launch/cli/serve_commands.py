@@ -93,7 +93,6 @@ def serve_options(f: Any) -> Any:
             envvar="INTERNVL_API_KEY",
             help="Require `Authorization: Bearer KEY` (also INTERNVL_API_KEY). Never logged.",
         ),
-        click.option("--model-path", type=click.Path(file_okay=False), help="Serve this local checkpoint."),
         click.option("--detach", is_flag=True, help="Start in the background; return once ready (or failed)."),
         click.option("--ready-file", type=click.Path(dir_okay=False), help="Write the ready JSON here when serving."),
         click.option("--log-file", hidden=True),
@@ -254,7 +253,6 @@ def launch_command(ctx: click.Context, as_json: bool, dry_run: bool, engine_args
         )
     weights = locate_weights(
         plan,
-        flags["model_path"],
         trust_remote_code=flags["trust_remote_code"],
         allow_pickle=flags["allow_pickle"],
         notify=say,

@@ -157,7 +157,11 @@ def serve_transformers(
     port = sock.getsockname()[1]
     say(f"loading {plan.model_ref} from {weights} ({plan.device}, {plan.dtype}, quantization {plan.quantization})")
     engine = TransformersEngine(
-        weights, device=plan.device, dtype=plan.dtype, quantization=plan.quantization, stop=plan.spec.stop
+        weights,
+        device=plan.device,
+        dtype=plan.dtype,
+        quantization=plan.quantization,
+        stop=plan.spec.stop,
     )
     say(f"loaded in {engine.load_seconds:.1f} s")
     spec = plan.spec

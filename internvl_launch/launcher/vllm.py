@@ -29,6 +29,7 @@ from internvl_launch.errors import LaunchError
 from internvl_launch.launcher.serve import ServeOptions, announce, new_record, ready_event, url_for
 from internvl_launch.launcher.state import logs_dir, remove_record, write_record
 from internvl_launch.resolver import LaunchPlan
+from internvl_launch.weights import checkpoint_layout
 
 #: Flags we set from the plan; passing them again after `--` is refused.
 OWNED_FLAGS = (
@@ -84,8 +85,11 @@ def vllm_command(plan: LaunchPlan, weights: Path, options: ServeOptions, port: i
     video = spec.llm.arch.startswith("qwen")  # vLLM takes InternVL video only with a Qwen backbone
     command += ["--limit-mm-per-prompt", json.dumps({"image": options.max_images, "video": 1 if video else 0})]
     # Native checkpoints tile through Transformers' processor (max_patches);
-    # original ones through vLLM's own InternVL code (max_dynamic_patch).
-    key = "max_patches" if spec.layout == "native" else "max_dynamic_patch"
+    # original ones through vLLM's own InternVL code (max_dynamic_patch). What
+    # vLLM gets is what is on disk: an original spec arrives converted unless
+    # it is served with its own code.
+    layout = checkpoint_layout(weights) if (weights / "config.json").is_file() else spec.layout
+    key = "max_patches" if layout == "native" else "max_dynamic_patch"
     command += ["--mm-processor-kwargs", json.dumps({key: max_tiles})]
     if plan.device == "cpu":
         command += ["--gpu-memory-utilization", "0.3"]  # the CPU build sizes host memory from it

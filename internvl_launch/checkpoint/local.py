@@ -1,0 +1,317 @@
+"""What a checkpoint directory is, read from its own files.
+
+`--model-path DIR` needs no registry entry: the layout (original
+`InternVLChatModel` or native `InternVLForConditionalGeneration`), the language
+model, the template, the tile limit and the size all come from `config.json`,
+the tokenizer files and the safetensors headers. Each value carries where it
+came from, so the plan can say so. Reading is cheap (JSON and the first bytes
+of each weight file): this runs in the light commands, which import no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from internvl_launch.errors import CheckpointError
+
+_ORIGINAL_ARCHS = {
+    "Qwen2ForCausalLM": "qwen2",
+    "LlamaForCausalLM": "llama",
+    "InternLM2ForCausalLM": "internlm2",
+    "Phi3ForCausalLM": "phi3",
+}
+_NATIVE_TEXT = {"qwen2": "qwen2", "llama": "llama", "phi3": "phi3"}
+_VISION_PREFIXES = ("vision_model.", "vision_tower.", "model.vision_tower.")
+CONVERSION_MARKER = "internvl_launch_conversion.json"
+
+
+@dataclass(frozen=True)
+class LocalCheckpoint:
+    """A checkpoint directory described from its files; `provenance` says,
+    for each value, which file (or which rule) it came from."""
+
+    path: Path
+    layout: str  # original | native
+    arch: str  # qwen2 | internlm2 | llama | phi3
+    llm_name: str
+    layers: int
+    attention_heads: int
+    kv_heads: int
+    head_dim: int
+    vision_name: str
+    vision_params: int
+    parameters: int
+    template: str
+    system_message: str | None
+    max_tiles: int
+    context_length: int
+    format: str  # pytorch | awq
+    weight_files: tuple[str, ...]
+    provenance: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def size(self) -> float:
+        """Billions of parameters, to two significant figures (0.94, 2.2, 8.1, 26)."""
+        b = self.parameters / 1e9
+        return float(f"{b:.2g}") if b > 0 else 0.001
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise CheckpointError(f"{path} cannot be read: {err.strerror}.") from err
+    except ValueError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}).", hint=f"Restore the checkpoint's {what}.") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds {type(data).__name__}, not a JSON object.")
+    return data
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, checked against the file's size
+    so that a truncated download is caught before anything loads it."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise ValueError("shorter than the 8-byte header length")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > min(size - 8, 100 * 1024 * 1024):
+                raise ValueError(f"header length {length} exceeds the file")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({err}); it may be truncated or corrupt.",
+            hint="Download or copy the file again.",
+        ) from err
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end > size:
+        raise CheckpointError(
+            f"{path} is truncated: its header describes {8 + length + end} bytes, the file has {size}.",
+            hint="Download or copy the file again.",
+        )
+    return header
+
+
+def _weights(path: Path) -> tuple[tuple[str, ...], dict[str, list[int]]]:
+    """The safetensors files and every tensor's shape."""
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.glob("*.bin"))
+        raise CheckpointError(
+            f"{path} has no safetensors weights"
+            + (f" (only pickle files: {', '.join(pickles[:3])})" if pickles else "")
+            + ".",
+            hint="Copy the *.safetensors files next to config.json"
+            + (
+                ", or convert with `internvl convert --allow-pickle` if you trust the pickle files." if pickles else "."
+            ),
+        )
+    shapes: dict[str, list[int]] = {}
+    for name in files:
+        for key, value in safetensors_header(path / name).items():
+            if key != "__metadata__":
+                shapes[key] = list(value["shape"])
+    return tuple(files), shapes
+
+
+def _count(shapes: dict[str, list[int]], awq: bool) -> tuple[int, int]:
+    total = vision = 0
+    for key, shape in shapes.items():
+        n = 1
+        for d in shape:
+            n *= d
+        if awq and key.endswith(".qweight"):
+            n *= 8  # eight 4-bit values per int32
+        elif awq and key.endswith((".qzeros", ".scales")):
+            continue
+        total += n
+        if key.startswith(_VISION_PREFIXES):
+            vision += n
+    return total, vision
+
+
+def _vision_name(hidden: int, params: int) -> str:
+    named = {1024: "InternViT-300M", 3200: "InternViT-6B"}
+    return named.get(hidden, f"InternViT ({params / 1e6:.2g}M parameters)")
+
+
+def _template_from_chat_template(path: Path, tok_cfg: dict[str, Any]) -> str | None:
+    text = tok_cfg.get("chat_template")
+    jinja = path / "chat_template.jinja"
+    if not isinstance(text, str) and jinja.is_file():
+        text = jinja.read_text()
+    if not isinstance(text, str):
+        return None
+    if "<|end|>" in text and "<|user|>" in text:
+        return "phi3-chat"
+    if "<|im_start|>" not in text:
+        return None
+    # InternVL2.5 and later end each turn with "<|im_end|>" and a newline; the
+    # InternVL2-era ChatML templates with "<|im_end|>" alone.
+    return "internvl2_5" if ("<|im_end|>\\n" in text or "<|im_end|>\n" in text) else "internlm2-chat"
+
+
+def describe_checkpoint(path: str | Path) -> LocalCheckpoint:
+    """Describe the checkpoint at `path`, or raise `CheckpointError` naming
+    what was expected and what was found."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise CheckpointError(f"{root} is not a directory.", hint="Point --model-path at a checkpoint directory.")
+    if not (root / "config.json").is_file():
+        found = sorted(p.name for p in root.iterdir())[:6]
+        raise CheckpointError(
+            f"{root} is not an InternVL checkpoint: it has no config.json"
+            + (f" (found {', '.join(found)})" if found else " (it is empty)")
+            + ".",
+            hint="Expected config.json, safetensors weights and tokenizer files.",
+        )
+    config = _read_json(root / "config.json", "config.json")
+    archs = config.get("architectures") or []
+    prov: dict[str, str] = {}
+    if "InternVLForConditionalGeneration" in archs:
+        return _describe_native(root, config, prov)
+    if "InternVLChatModel" in archs or "llm_config" in config:
+        return _describe_original(root, config, prov)
+    raise CheckpointError(
+        f"{root} is not an InternVL checkpoint: config.json names "
+        f"{', '.join(map(str, archs)) or 'no architecture'} (model_type {config.get('model_type', 'unset')}).",
+        hint="Expected architectures InternVLChatModel (original layout) or InternVLForConditionalGeneration "
+        "(Transformers-native layout).",
+    )
+
+
+def _describe_original(root: Path, config: dict[str, Any], prov: dict[str, str]) -> LocalCheckpoint:
+    from internvl_launch.prompt.templates import TEMPLATES
+
+    llm = config.get("llm_config")
+    vit = config.get("vision_config")
+    if not isinstance(llm, dict) or not isinstance(vit, dict):
+        raise CheckpointError(f"{root}/config.json has InternVLChatModel but lacks llm_config or vision_config.")
+    llm_arch = (llm.get("architectures") or ["unset"])[0]
+    if llm_arch not in _ORIGINAL_ARCHS:
+        raise CheckpointError(
+            f"{root} has a {llm_arch} language model; InternVL checkpoints use {', '.join(sorted(_ORIGINAL_ARCHS))}.",
+        )
+    arch = _ORIGINAL_ARCHS[llm_arch]
+    prov["layout"] = "config.json architectures: InternVLChatModel (original; converted on first use)"
+    prov["llm"] = f"config.json llm_config.architectures: {llm_arch}"
+    template = config.get("template")
+    if template in TEMPLATES:
+        prov["template"] = "config.json template"
+    else:
+        template = "phi3-chat" if arch == "phi3" else "internlm2-chat"
+        prov["template"] = f"not in config.json: the {arch} default"
+    max_tiles = config.get("max_dynamic_patch")
+    if isinstance(max_tiles, int) and max_tiles > 0:
+        prov["max_tiles"] = "config.json max_dynamic_patch"
+    else:
+        max_tiles = 6
+        prov["max_tiles"] = "not in config.json: InternVLChatConfig's default, 6"
+    system = config.get("system_message") if isinstance(config.get("system_message"), str) else None
+    prov["system_message"] = "config.json system_message" if system is not None else f"the {template} default"
+    fmt = _format(config.get("quantization_config") or llm.get("quantization_config"), prov)
+    files, shapes = _weights(root)
+    total, vision = _count(shapes, fmt == "awq")
+    prov["size"] = f"counted: {total:,} parameters in the safetensors headers"
+    heads = int(llm.get("num_attention_heads", 1))
+    return LocalCheckpoint(
+        path=root,
+        layout="original",
+        arch=arch,
+        llm_name=str(llm.get("_name_or_path") or llm_arch).rstrip("/").rsplit("/", 1)[-1],
+        layers=int(llm.get("num_hidden_layers", 1)),
+        attention_heads=heads,
+        kv_heads=int(llm.get("num_key_value_heads") or heads),
+        head_dim=int(llm.get("head_dim") or int(llm.get("hidden_size", heads)) // heads),
+        vision_name=_vision_name(int(vit.get("hidden_size", 0)), vision),
+        vision_params=vision,
+        parameters=total,
+        template=template,
+        system_message=system,
+        max_tiles=max_tiles,
+        context_length=int(llm.get("max_position_embeddings", 8192)),
+        format=fmt,
+        weight_files=files,
+        provenance=prov,
+    )
+
+
+def _format(quant: Any, prov: dict[str, str]) -> str:
+    if isinstance(quant, dict) and str(quant.get("quant_method", "")).lower() == "awq":
+        prov["format"] = "config.json quantization_config: awq"
+        return "awq"
+    prov["format"] = "no AWQ quantization_config: pytorch"
+    return "pytorch"
+
+
+def _describe_native(root: Path, config: dict[str, Any], prov: dict[str, str]) -> LocalCheckpoint:
+    text = config.get("text_config") or {}
+    vit = config.get("vision_config") or {}
+    model_type = text.get("model_type", "unset")
+    if model_type not in _NATIVE_TEXT:
+        raise CheckpointError(
+            f"{root} has a {model_type} text model; native InternVL checkpoints use qwen2, llama or phi3.",
+        )
+    prov["layout"] = "config.json architectures: InternVLForConditionalGeneration (native)"
+    marker = root / CONVERSION_MARKER
+    converted = _read_json(marker, CONVERSION_MARKER) if marker.is_file() else {}
+    arch = _NATIVE_TEXT[model_type]
+    if converted.get("backbone"):
+        arch = converted["backbone"]
+        prov["llm"] = f"{CONVERSION_MARKER}: converted from {arch}"
+    else:
+        prov["llm"] = f"config.json text_config.model_type: {model_type}"
+    tok_path = root / "tokenizer_config.json"
+    tok_cfg = _read_json(tok_path, "tokenizer_config.json") if tok_path.is_file() else {}
+    template = converted.get("template")
+    if template:
+        prov["template"] = f"{CONVERSION_MARKER} template"
+    else:
+        template = _template_from_chat_template(root, tok_cfg)
+        if template:
+            prov["template"] = "the tokenizer's chat template"
+        else:
+            template = "phi3-chat" if arch == "phi3" else "internvl2_5"
+            prov["template"] = f"no chat template: the {arch} default"
+    pre_path = root / "preprocessor_config.json"
+    pre = _read_json(pre_path, "preprocessor_config.json") if pre_path.is_file() else {}
+    max_tiles = pre.get("max_patches")
+    if isinstance(max_tiles, int) and max_tiles > 0:
+        prov["max_tiles"] = "preprocessor_config.json max_patches"
+    else:
+        max_tiles = 12
+        prov["max_tiles"] = "no preprocessor_config.json: 12"
+    system = converted.get("system_message") if isinstance(converted.get("system_message"), str) else None
+    prov["system_message"] = f"{CONVERSION_MARKER} system_message" if system else f"the {template} default"
+    fmt = _format(config.get("quantization_config"), prov)
+    files, shapes = _weights(root)
+    total, vision = _count(shapes, fmt == "awq")
+    prov["size"] = f"counted: {total:,} parameters in the safetensors headers"
+    heads = int(text.get("num_attention_heads", 1))
+    return LocalCheckpoint(
+        path=root,
+        layout="native",
+        arch=arch,
+        llm_name=str(text.get("_name_or_path") or model_type).rstrip("/").rsplit("/", 1)[-1],
+        layers=int(text.get("num_hidden_layers", 1)),
+        attention_heads=heads,
+        kv_heads=int(text.get("num_key_value_heads") or heads),
+        head_dim=int(text.get("head_dim") or int(text.get("hidden_size", heads)) // heads),
+        vision_name=_vision_name(int(vit.get("hidden_size", 0)), vision),
+        vision_params=vision,
+        parameters=total,
+        template=template,
+        system_message=system,
+        max_tiles=max_tiles,
+        context_length=int(text.get("max_position_embeddings", 8192)),
+        format=fmt,
+        weight_files=files,
+        provenance=prov,
+    )
