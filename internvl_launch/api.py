@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from internvl_launch.engines.device_map import device_map_for
 from internvl_launch.engines.transformers_engine import (
     Completion,
     GenerationRequest,
@@ -224,5 +225,6 @@ def load(
         dtype=plan.dtype,
         quantization=plan.quantization,
         stop=plan.spec.stop,
+        device_map=device_map_for(plan.device_map, plan.gpu_indices, path),
     )
     return InternVLModel(plan, engine, max_tiles or plan.spec.max_tiles)

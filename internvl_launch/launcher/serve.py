@@ -146,6 +146,7 @@ def serve_transformers(
     the exit code: 0 after a clean shutdown."""
     import uvicorn
 
+    from internvl_launch.engines.device_map import device_map_for
     from internvl_launch.engines.transformers_engine import TransformersEngine
     from internvl_launch.server.app import ServerConfig, create_app
     from internvl_launch.server.fetch import FetchPolicy, MediaFetcher
@@ -162,6 +163,7 @@ def serve_transformers(
         dtype=plan.dtype,
         quantization=plan.quantization,
         stop=plan.spec.stop,
+        device_map=device_map_for(plan.device_map, plan.gpu_indices, weights),
     )
     say(f"loaded in {engine.load_seconds:.1f} s")
     spec = plan.spec
