@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from internvl_launch.errors import CheckpointError
@@ -88,6 +89,8 @@ def locate_weights(
         if plan.hub == "builtin":
             return path
         repo_id, revision = f"{fetched.hub}/{fetched.repo_id}", fetched.revision
+        if fetched.hub == "huggingface" and re.fullmatch(r"[0-9a-f]{40}", path.name):
+            revision = path.name  # the snapshot directory is the resolved commit: a new commit converts again
     if checkpoint_layout(path) == "native":
         return path
     if plan.engine == "vllm" and trust_remote_code:

@@ -192,3 +192,47 @@ def test_a_failed_write_never_leaves_a_file_marked_complete(
     assert all(p.stat().st_size < len(big) for p in repo.glob("blobs/*"))
     got = download([("huggingface", "OpenGVLab/Tiny")], progress=False)
     assert (got.path / "model-00002-of-00002.safetensors").read_bytes() == big
+
+
+def test_an_original_checkpoint_from_the_hub_is_converted_once_per_commit(
+    hub: StandInHub,
+    tmp_path: Path,
+    run_cli,  # type: ignore[no-untyped-def]
+) -> None:
+    """The headline flow on the Transformers engine: a published
+    original-layout repository (here an InternLM2-backbone tiny one) is
+    downloaded, converted without its code, cached per commit, and answers."""
+    from internvl_launch.checkpoint.tiny_original import TinyOriginalConfig, generate_tiny_original
+    from internvl_launch.paths import cache_dir
+
+    original = generate_tiny_original(tmp_path / "orig", TinyOriginalConfig("internlm2"))
+    files = {p.name: p.read_bytes() for p in original.iterdir()}
+    files["modeling_internvl_chat.py"] = b"raise SystemExit('remote code ran')\n"
+    first_commit = hub.add_repo("OpenGVLab/Tiny-Original", files)
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "tiny-original.yaml").write_text(
+        Path(__file__)
+        .parent.parent.joinpath("specs", "internvl-tiny.yaml")
+        .read_text()
+        .replace("name: internvl-tiny", "name: tiny-original")
+        .replace("aliases: [tiny, internvl-tiny-random]", "aliases: []")
+        .replace("hubs: {builtin: internvl-tiny}", "hubs: {huggingface: OpenGVLab/Tiny-Original}")
+        .replace("layout: native", "layout: original")
+        .replace("arch: qwen2", "arch: internlm2")
+        .replace("template: internvl2_5", "template: internlm2-chat")
+    )
+    args = ("chat", "-n", "tiny-original", "--specs-dir", str(specs), "hello", "--max-tokens", "3", "--json")
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    assert "Converting" in err and json.loads(out)["completion_tokens"] == 3
+    converted = cache_dir() / "converted" / "huggingface--OpenGVLab--Tiny-Original"
+    assert [p.name for p in converted.iterdir()] == [f"{first_commit}-v1"]
+    code, again, err = run_cli(*args)
+    assert code == 0 and "Converting" not in err and json.loads(again)["answer"] == json.loads(out)["answer"]
+    config = json.loads((original / "config.json").read_text())
+    config["max_dynamic_patch"] = 6
+    second_commit = hub.add_repo("OpenGVLab/Tiny-Original", {**files, "config.json": json.dumps(config).encode()})
+    code, _, err = run_cli(*args)
+    assert code == 0 and "Converting" in err
+    assert sorted(p.name for p in converted.iterdir()) == sorted([f"{first_commit}-v1", f"{second_commit}-v1"])
