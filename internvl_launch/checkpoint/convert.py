@@ -532,24 +532,14 @@ def _write_tokenizer(src: OriginalCheckpoint, out: Path, template: Any, system_m
 def _sentencepiece_to_fast(out: Path, notes: list[str]) -> None:
     """Build `tokenizer.json` from `tokenizer.model` (InternLM2 ships only the
     sentencepiece model plus remote tokenizer code)."""
-    model = out / "tokenizer.model"
-    if not model.is_file():
+    if not (out / "tokenizer.model").is_file():
         raise CheckpointError(
-            f"{out.name}: the checkpoint has neither tokenizer.json nor tokenizer.model.",
+            "The checkpoint has neither tokenizer.json nor tokenizer.model.",
             hint="Copy the tokenizer files next to config.json.",
         )
-    try:
-        from transformers import LlamaTokenizer
-    except ImportError as err:  # pragma: no cover - transformers is a requirement here
-        raise CheckpointError("Converting a sentencepiece tokenizer needs transformers.") from err
-    try:
-        tokenizer = LlamaTokenizer(vocab_file=str(model), legacy=False, add_bos_token=True, add_eos_token=False)
-    except Exception as err:
-        raise CheckpointError(
-            f"The sentencepiece tokenizer could not be converted to tokenizer.json ({err}).",
-            hint="Install the `sentencepiece` and `protobuf` packages, or supply a tokenizer.json.",
-        ) from err
-    tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+    from internvl_launch.checkpoint.sentencepiece import build_tokenizer_json
+
+    build_tokenizer_json(out)
     notes.append("tokenizer: tokenizer.json built from tokenizer.model")
 
 

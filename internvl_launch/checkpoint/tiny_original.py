@@ -305,3 +305,82 @@ def fidelity_inputs(image_token_id: int, img_start_id: int, img_end_id: int, til
     text_after = [23, 150, 77, 64, 31]
     ids = text_before + [img_start_id] + [image_token_id] * (256 * tiles) + [img_end_id] + text_after
     return torch.tensor([ids], dtype=torch.long), pixels
+
+
+#: The chat markers InternLM2's sentencepiece model holds as pieces, and the
+#: image tokens InternVL adds after its vocabulary.
+INTERNLM2_PIECES = ("<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>")
+INTERNVL_ADDED = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
+
+
+def train_internlm2_tokenizer(out: Path, *, add_dummy_prefix: bool, vocab_size: int = 400) -> Path:
+    """An InternLM2-style tokenizer directory: a sentencepiece BPE model with
+    byte fallback (`<unk>`, `<s>`, `</s>` first; the chat markers as pieces),
+    InternVL's image tokens added after it, and the tokenizer config that
+    names InternLM2's remote tokenizer class, as published checkpoints do.
+    Needs the `sentencepiece` package. Training runs on one thread, which
+    makes the model file byte-for-byte reproducible for a given version."""
+    import io
+
+    import sentencepiece as spm
+
+    from internvl_launch.checkpoint.tiny import _CORPUS
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS.splitlines() * 4),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        add_dummy_prefix=add_dummy_prefix,
+        user_defined_symbols=list(INTERNLM2_PIECES),
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        split_digits=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        num_threads=1,
+        minloglevel=2,
+    )
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    size = processor.get_piece_size()
+    decoder: dict[str, Any] = {}
+    for piece in INTERNLM2_PIECES:
+        decoder[str(processor.piece_to_id(piece))] = _added(piece)
+    added = {piece: size + i for i, piece in enumerate(INTERNVL_ADDED)}
+    for piece, index in added.items():
+        decoder[str(index)] = _added(piece)
+    config = {
+        "tokenizer_class": "InternLM2Tokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "</s>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 8192,
+        "added_tokens_decoder": decoder,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "added_tokens.json").write_text(json.dumps(added, indent=2) + "\n")
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    return out
+
+
+def _added(content: str) -> dict[str, Any]:
+    return {
+        "content": content,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "single_word": False,
+        "special": True,
+    }
