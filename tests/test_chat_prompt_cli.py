@@ -174,3 +174,106 @@ def test_bad_images_and_messages(run_cli: Run, tmp_path: Path) -> None:
 def test_unknown_model_still_exit_3(run_cli: Run) -> None:
     code, _, err = run_cli("chat", "-n", "internvl9", "hi", "--print-prompt")
     assert code == 3 and "internvl9" in err
+
+
+def _pty_chat(tmp_path: Path, *args: str, lines: list[str], timeout: float = 120) -> tuple[int, str]:
+    """Run `internvl chat` with a pseudo-terminal as stdin/stdout, type
+    `lines` one per prompt, and return the exit code and everything shown."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INTERNVL_")}
+    env["INTERNVL_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "internvl_launch", "chat", *args],
+        stdin=follower, stdout=follower, stderr=follower, env=env, close_fds=True,
+    )  # fmt: skip
+    os.close(follower)
+    shown = b""
+    pending = list(lines)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(leader, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+                if shown.endswith(b">>> ") and pending:
+                    os.write(leader, (pending.pop(0) + "\n").encode())
+            elif proc.poll() is not None:
+                break
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
+    return code, shown.decode(errors="replace").replace("\r\n", "\n")
+
+
+def test_interactive_chat_on_a_terminal_keeps_history(tmp_path: Path) -> None:
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (300, 200), (0, 120, 255)).save(image)
+    code, shown = _pty_chat(
+        tmp_path,
+        "-n", "internvl-tiny", "--max-tokens", "3",
+        lines=["What is this?", "/image /no/such.png", f"/image {image}", "And now?", "/reset", "Hi", "/exit"],
+    )  # fmt: skip
+    assert code == 0, shown
+    assert "/image PATH" in shown  # the help line
+    assert "no such image: /no/such.png" in shown
+    assert "(conversation cleared)" in shown
+    answers = [part.split("\n", 1)[0] for part in shown.split(">>> ")[1:] if "\n" in part]
+    assert len([a for a in answers if a.strip()]) >= 3  # three questions, three answers
+
+
+def test_without_a_terminal_a_question_is_still_required(run_cli) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run_cli("chat", "-n", "internvl-tiny")
+    assert code == 2 and "Give a question" in err
+
+
+def test_interactive_rounds_carry_the_history(monkeypatch, run_cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from internvl_launch import api
+    from internvl_launch.cli import chat_command
+
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (300, 200), (0, 120, 255)).save(image)
+    typed = iter(["first question", f"/image {image}", "second question", "/reset", "third question"])
+
+    def fake_input(prompt: str) -> str:
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None
+
+    seen: list[list[tuple[str, int]]] = []
+    real_prepare = api.InternVLModel.prepare_messages
+
+    def recording(self, messages, **kw):  # type: ignore[no-untyped-def]
+        seen.append([(m.role, sum(not isinstance(p, str) for p in m.parts)) for m in messages])
+        return real_prepare(self, messages, **kw)
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr(chat_command, "_is_terminal", lambda: True)
+    monkeypatch.setattr(api.InternVLModel, "prepare_messages", recording)
+    code, out, err = run_cli("chat", "-n", "internvl-tiny", "--max-tokens", "2", "--system", "Be brief.")
+    assert code == 0, err
+    assert seen == [
+        [("system", 0), ("user", 0)],
+        [("system", 0), ("user", 0), ("assistant", 0), ("user", 1)],  # history, and the attached image
+        [("system", 0), ("user", 0)],  # after /reset only the system message remains
+    ]
+    assert len(out.strip().splitlines()) == 3

@@ -129,16 +129,22 @@ def chat_command(
     Runs on the Transformers engine; weights come through the same plan and
     download path as `launch` (a hub, the built-in internvl-tiny, or
     --model-path; original-layout checkpoints are converted once and cached).
+    With no question and a terminal on stdin, it chats interactively: several
+    rounds with history, answers streamed; /image PATH, /reset, /exit.
 
     \b
     internvl chat -n internvl2 -s 2 --image cat.jpg "Describe the image" --print-prompt
     internvl chat -n internvl2.5 --messages conversation.json --print-prompt --compact-images
     internvl chat -n internvl-tiny --image cat.jpg "Describe the image" --max-tokens 16 --json
+    internvl chat -n internvl-tiny --image cat.jpg          # interactive, on a terminal
     """
     if messages_file and (question or images or video):
         raise click.UsageError("--messages replaces the question, --image and --video; give one or the other.")
-    if not messages_file and question is None:
-        raise click.UsageError("Give a question (or --messages FILE).")
+    interactive = not messages_file and question is None and not print_prompt and _is_terminal()
+    if not messages_file and question is None and not interactive:
+        raise click.UsageError("Give a question (or --messages FILE; with a terminal on stdin, chat interactively).")
+    if interactive and as_json:
+        raise click.UsageError("--json needs a question; the interactive mode prints answers as they come.")
     if compact_images and not print_prompt:
         raise click.UsageError("--compact-images only applies with --print-prompt.")
     if stream and as_json:
@@ -146,6 +152,9 @@ def chat_command(
 
     registry = load_registry(flags["specs_dirs"])
     family, spec, _quantization, _ = select_model(registry, request_from_flags(flags))
+    if interactive:
+        _interactive(flags, images, video, system, max_tiles, num_frames, max_tokens, temperature, top_p, seed)
+        return
     if messages_file:
         messages, base_dir = read_messages_file(messages_file)
     else:
@@ -183,6 +192,24 @@ def chat_command(
     )
 
 
+def _load(flags: dict[str, Any], max_tiles: int | None) -> Any:
+    from internvl_launch.api import load
+
+    return load(
+        flags["model_name"] or None,
+        size=flags["size"],
+        quantization=flags["quantization"],
+        model_format=flags["fmt"],
+        device=flags["device"],
+        model_path=flags["model_path"],
+        template=flags["template"],
+        notify=lambda m: click.echo(f"internvl: {m}", err=True),
+        max_tiles=max_tiles,
+        specs_dirs=flags["specs_dirs"],
+        memory_check=not flags["no_memory_check"],
+    )
+
+
 def _generate(
     flags: dict[str, Any],
     messages: list[Message],
@@ -196,23 +223,10 @@ def _generate(
 ) -> None:
     import time
 
-    from internvl_launch.api import load
     from internvl_launch.engines.transformers_engine import SamplingParams
 
     started = time.perf_counter()
-    model = load(
-        flags["model_name"],
-        size=flags["size"],
-        quantization=flags["quantization"],
-        model_format=flags["fmt"],
-        device=flags["device"],
-        model_path=flags["model_path"],
-        template=flags["template"],
-        notify=lambda m: click.echo(f"internvl: {m}", err=True),
-        max_tiles=max_tiles,
-        specs_dirs=flags["specs_dirs"],
-        memory_check=not flags["no_memory_check"],
-    )
+    model = _load(flags, max_tiles)
     loaded = time.perf_counter()
     request = model.prepare_messages(messages, max_tiles=max_tiles, num_frames=num_frames, base_dir=base_dir)
     sampling = SamplingParams(**params)
@@ -238,3 +252,77 @@ def _generate(
         )
     else:
         click.echo(result.text.strip())
+
+
+def _is_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
+HELP = "Commands: /image PATH (attach to the next question), /reset (forget the conversation), /exit (or Ctrl-D)."
+
+
+def _interactive(
+    flags: dict[str, Any],
+    images: tuple[str, ...],
+    video: str | None,
+    system: str | None,
+    max_tiles: int | None,
+    num_frames: int,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+) -> None:
+    """A multi-round conversation on a terminal: each answer streams and joins
+    the history the next question is asked with, as the model cards'
+    `model.chat(..., history=history)` does. --image and --video attach to the
+    first question; `/image PATH` to the next one."""
+    from internvl_launch.engines.transformers_engine import SamplingParams
+
+    model = _load(flags, max_tiles)
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    history: list[Message] = [Message("system", (system,))] if system is not None else []
+    pending: list[str | Media] = [Media("image", ref) for ref in images]
+    if video:
+        pending.append(Media("video", video))
+    click.echo(f"{model.plan.model_ref} - {HELP}", err=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            click.echo("", err=True)
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            history = history[:1] if history and history[0].role == "system" else []
+            pending = []
+            click.echo("(conversation cleared)", err=True)
+            continue
+        if text.startswith("/image"):
+            path = text.removeprefix("/image").strip()
+            if not path or not Path(path).expanduser().is_file():
+                click.echo(f"no such image: {path or '(none given)'}", err=True)
+            else:
+                pending.append(Media("image", str(Path(path).expanduser())))
+            continue
+        if text.startswith("/"):
+            click.echo(HELP, err=True)
+            continue
+        turn = Message("user", (*pending, text))
+        try:
+            request = model.prepare_messages([*history, turn], max_tiles=max_tiles, num_frames=num_frames)
+        except (MediaError, ConversationError) as err:
+            click.echo(f"error: {err.message}", err=True)
+            pending = []
+            continue
+        pending = []
+        answer = []
+        for delta in model.engine.stream(request, sampling):
+            answer.append(delta)
+            click.echo(delta, nl=False)
+        click.echo("")
+        history += [turn, Message("assistant", ("".join(answer).strip(),))]
