@@ -217,30 +217,7 @@ def _describe_original(root: Path, config: dict[str, Any], prov: dict[str, str])
     system = config.get("system_message") if isinstance(config.get("system_message"), str) else None
     prov["system_message"] = "config.json system_message" if system is not None else f"the {template} default"
     fmt = _format(config.get("quantization_config") or llm.get("quantization_config"), prov)
-    files, shapes = _weights(root)
-    total, vision = _count(shapes, fmt == "awq")
-    prov["size"] = f"counted: {total:,} parameters in the safetensors headers"
-    heads = int(llm.get("num_attention_heads", 1))
-    return LocalCheckpoint(
-        path=root,
-        layout="original",
-        arch=arch,
-        llm_name=str(llm.get("_name_or_path") or llm_arch).rstrip("/").rsplit("/", 1)[-1],
-        layers=int(llm.get("num_hidden_layers", 1)),
-        attention_heads=heads,
-        kv_heads=int(llm.get("num_key_value_heads") or heads),
-        head_dim=int(llm.get("head_dim") or int(llm.get("hidden_size", heads)) // heads),
-        vision_name=_vision_name(int(vit.get("hidden_size", 0)), vision),
-        vision_params=vision,
-        parameters=total,
-        template=template,
-        system_message=system,
-        max_tiles=max_tiles,
-        context_length=int(llm.get("max_position_embeddings", 8192)),
-        format=fmt,
-        weight_files=files,
-        provenance=prov,
-    )
+    return _finish(root, "original", arch, llm, llm_arch, vit, template, system, max_tiles, fmt, prov)
 
 
 def _format(quant: Any, prov: dict[str, str]) -> str:
@@ -291,26 +268,44 @@ def _describe_native(root: Path, config: dict[str, Any], prov: dict[str, str]) -
     system = converted.get("system_message") if isinstance(converted.get("system_message"), str) else None
     prov["system_message"] = f"{CONVERSION_MARKER} system_message" if system else f"the {template} default"
     fmt = _format(config.get("quantization_config"), prov)
+    return _finish(root, "native", arch, text, model_type, vit, template, system, max_tiles, fmt, prov)
+
+
+def _finish(
+    root: Path,
+    layout: str,
+    arch: str,
+    lm: dict[str, Any],
+    lm_fallback_name: str,
+    vit: dict[str, Any],
+    template: str,
+    system: str | None,
+    max_tiles: int,
+    fmt: str,
+    prov: dict[str, str],
+) -> LocalCheckpoint:
+    """The description, once the layout-specific values are known: the
+    weights are counted here and the language model's shape read from `lm`."""
     files, shapes = _weights(root)
     total, vision = _count(shapes, fmt == "awq")
     prov["size"] = f"counted: {total:,} parameters in the safetensors headers"
-    heads = int(text.get("num_attention_heads", 1))
+    heads = int(lm.get("num_attention_heads", 1))
     return LocalCheckpoint(
         path=root,
-        layout="native",
+        layout=layout,
         arch=arch,
-        llm_name=str(text.get("_name_or_path") or model_type).rstrip("/").rsplit("/", 1)[-1],
-        layers=int(text.get("num_hidden_layers", 1)),
+        llm_name=str(lm.get("_name_or_path") or lm_fallback_name).rstrip("/").rsplit("/", 1)[-1],
+        layers=int(lm.get("num_hidden_layers", 1)),
         attention_heads=heads,
-        kv_heads=int(text.get("num_key_value_heads") or heads),
-        head_dim=int(text.get("head_dim") or int(text.get("hidden_size", heads)) // heads),
+        kv_heads=int(lm.get("num_key_value_heads") or heads),
+        head_dim=int(lm.get("head_dim") or int(lm.get("hidden_size", heads)) // heads),
         vision_name=_vision_name(int(vit.get("hidden_size", 0)), vision),
         vision_params=vision,
         parameters=total,
         template=template,
         system_message=system,
         max_tiles=max_tiles,
-        context_length=int(text.get("max_position_embeddings", 8192)),
+        context_length=int(lm.get("max_position_embeddings", 8192)),
         format=fmt,
         weight_files=files,
         provenance=prov,
