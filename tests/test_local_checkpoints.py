@@ -233,3 +233,25 @@ def test_a_checkpoint_the_converter_cannot_map_leaves_no_cache_entry(
 def test_the_format_flag_cannot_contradict_the_checkpoint(checkpoints: dict[str, Path], run_cli) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run_cli("resolve", "--model-path", str(checkpoints["native-qwen2"]), "-f", "awq")
     assert code == 4 and "contradicts the checkpoint" in err
+
+
+@pytest.mark.parametrize("quantization", ["8-bit", "4-bit"])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_bitsandbytes_on_every_converted_backbone_leaves_vision_projector_and_head_alone(
+    checkpoints: dict[str, Path], image: Path, backbone: str, quantization: str
+) -> None:
+    import bitsandbytes as bnb
+    import torch
+
+    from internvl_launch.api import load
+
+    model = load(model_path=checkpoints[f"original-{backbone}"], quantization=quantization)
+    quantized = [
+        n for n, m in model.engine.model.named_modules() if isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
+    ]
+    assert quantized and all(n.startswith("model.language_model.layers.") for n in quantized), quantized
+    plain = [n for n, m in model.engine.model.named_modules() if type(m) is torch.nn.Linear]
+    for prefix in ("model.vision_tower", "model.multi_modal_projector", "lm_head"):
+        assert any(n.startswith(prefix) for n in plain), prefix
+    reply = model.chat("Describe the image.", image=image, max_tokens=3)
+    assert isinstance(reply, str)
