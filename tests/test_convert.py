@@ -302,3 +302,17 @@ def test_convert_command_failures_exit_12_and_write_nothing(
     assert code == 12
     assert json.loads(out)["error"] == "CheckpointError"
     assert sorted(p.name for p in tmp_path.iterdir()) == (["dst", "src"] if broken == "not-empty" else ["src"])
+
+
+def test_large_models_are_written_in_shards_with_an_index(
+    originals: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(conv, "_SHARD_BYTES", 512 * 1024)
+    report = convert(originals["phi3"], tmp_path / "out")  # verification loads the sharded result
+    shards = sorted(p.name for p in (tmp_path / "out").glob("model-*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert not list((tmp_path / "out").glob(".shard-*"))
+    assert report.verified and "model.safetensors.index.json" in report.files
+    assert _worst(_logits(tmp_path / "out"), REFERENCE["models"]["phi3"]) <= TOLERANCE

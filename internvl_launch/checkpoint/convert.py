@@ -442,40 +442,54 @@ def _has_lm_head(src: OriginalCheckpoint) -> bool:
 def _write_weights(
     src: OriginalCheckpoint, out: Path, mapper: WeightMapper, dtype: Any | None
 ) -> tuple[list[str], int, str]:
-    """Stream the mapped tensors into shards of at most ~4 GB. Returns the
-    files written, the parameter count and the dtype name."""
+    """Stream the mapped tensors into shards of at most `_SHARD_BYTES`, each
+    written as soon as it is full, so memory holds one shard at a time, not
+    the model. Returns the files written, the parameter count and the dtype."""
     from safetensors.torch import save_file
 
-    shards: list[dict[str, Any]] = [{}]
-    sizes = [0]
+    shard: dict[str, Any] = {}
+    size = 0
+    written: list[tuple[Path, list[str], int]] = []  # temporary file, its keys, its bytes
+    seen: set[str] = set()
     params = 0
     dtypes: set[str] = set()
+
+    def flush() -> None:
+        nonlocal shard, size
+        if shard:
+            path = out / f".shard-{len(written) + 1:05d}.safetensors"
+            save_file(shard, str(path), metadata={"format": "pt"})
+            written.append((path, list(shard), size))
+        shard, size = {}, 0
+
     for key, tensor in _read_tensors(src):
         for new_key, new in mapper.map(key, tensor):
             if dtype is not None and new.is_floating_point():
                 new = new.to(dtype)
             nbytes = new.numel() * new.element_size()
-            if sizes[-1] and sizes[-1] + nbytes > _SHARD_BYTES:
-                shards.append({})
-                sizes.append(0)
-            if new_key in shards[-1] or any(new_key in s for s in shards[:-1]):
+            if size and size + nbytes > _SHARD_BYTES:
+                flush()
+            if new_key in seen:
                 raise CheckpointError(f"Two weights of {src.path} map to {new_key}.")
-            shards[-1][new_key] = new
-            sizes[-1] += nbytes
+            seen.add(new_key)
+            shard[new_key] = new
+            size += nbytes
             params += new.numel()
             dtypes.add(str(new.dtype).removeprefix("torch."))
+    flush()
     files: list[str] = []
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+    if len(written) == 1:
+        written[0][0].rename(out / "model.safetensors")
         files.append("model.safetensors")
     else:
         weight_map: dict[str, str] = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / name), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
+        for i, (path, keys, _bytes) in enumerate(written, 1):
+            name = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+            path.rename(out / name)
+            weight_map.update(dict.fromkeys(keys, name))
             files.append(name)
-        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
+        total = sum(b for _, _, b in written)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         files.append("model.safetensors.index.json")
     dominant = "bfloat16" if "bfloat16" in dtypes else ("float16" if "float16" in dtypes else "float32")
