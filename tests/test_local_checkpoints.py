@@ -157,20 +157,30 @@ def test_chat_converts_an_original_checkpoint_once(
     assert json.loads(first)["answer"] == json.loads(second)["answer"]
 
 
-def test_launch_serves_an_original_checkpoint(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    model = ("--model-path", str(checkpoints["original-internlm2"]))
-    with running_server(tmp_path / "srv", tmp_path / "cache", model=model) as server:
+@pytest.mark.parametrize("layout", ["original", "native"])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_launch_serves_every_backbone_and_layout(
+    checkpoints: dict[str, Path], image: Path, tmp_path: Path, layout: str, backbone: str
+) -> None:
+    import base64
+
+    path = checkpoints[f"{layout}-{backbone}"]
+    with running_server(tmp_path / "srv", tmp_path / "cache", model=("--model-path", str(path))) as server:
         url = server.url  # ends in /v1
         models = httpx.get(f"{url}/models").json()["data"]
-        assert models[0]["id"] == "orig-internlm2"
+        assert models[0]["id"] == path.name
+        picture = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+        content = [{"type": "image_url", "image_url": {"url": picture}}, {"type": "text", "text": "What is it?"}]
         reply = httpx.post(
             f"{url}/chat/completions",
-            json={"model": "orig-internlm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+            json={"model": path.name, "messages": [{"role": "user", "content": content}], "max_tokens": 3},
             timeout=60,
         )
         assert reply.status_code == 200, reply.text
-        assert reply.json()["usage"]["completion_tokens"] == 3
-    assert (tmp_path / "cache" / "converted" / "local").is_dir()
+        usage = reply.json()["usage"]
+        assert usage["completion_tokens"] == 3 and usage["prompt_tokens"] > 256
+    converted = tmp_path / "cache" / "converted" / "local"
+    assert converted.is_dir() is (layout == "original")
 
 
 def _broken(src: Path, dst: Path, how: str) -> Path:
