@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 # transformers imports next to CPU torch).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv dev test test-vllm fuzz demo bench-cli bench-preprocess bench-serve bench-load soak docs lint clean
+.PHONY: venv dev test test-vllm fuzz demo bench-cli bench-preprocess bench-serve bench-convert bench-load soak docs lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,9 @@ clean:
 
 bench-preprocess: $(VENV)/.installed
 	$(PY) benchmarks/bench_preprocess.py
+
+bench-convert: $(VENV)/.installed
+	$(PY) benchmarks/bench_convert.py
 
 bench-load: $(VENV)/.installed
 	$(PY) benchmarks/bench_load.py

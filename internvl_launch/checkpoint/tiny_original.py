@@ -53,6 +53,9 @@ class TinyOriginalConfig:
     seed: int = 0
     ps_version: str = "v2"
     max_dynamic_patch: int = 12
+    #: Embedding rows when larger than the tokenizer (real vocabularies, for benchmarks).
+    model_vocab: int | None = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16
 
     @property
     def template(self) -> str:
@@ -272,11 +275,13 @@ def generate_tiny_original(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(TinyConfig(template=config.template, vocab_target=config.vocab_target))
     tokenizer.chat_template = None
-    vocab = len(tokenizer)
+    vocab = max(len(tokenizer), config.model_vocab or 0)
     eos = tokenizer.eos_token_id
     cfg = original_config(config, vocab, eos, tokenizer.pad_token_id)
+    cfg["torch_dtype"] = cfg["llm_config"]["torch_dtype"] = config.dtype
+    dtype = getattr(torch, config.dtype)
     gen = torch.Generator().manual_seed(config.seed)
-    tensors = {name: _value(name, shape, gen) for name, shape in tensor_shapes(config, vocab).items()}
+    tensors = {name: _value(name, shape, gen).to(dtype) for name, shape in tensor_shapes(config, vocab).items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     tokenizer.save_pretrained(out)
