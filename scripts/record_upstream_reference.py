@@ -1,0 +1,107 @@
+"""Record the fidelity references with OpenGVLab's original code (run outside
+this project's environment; nothing of upstream's is in this repository).
+
+    # a separate virtual environment:
+    #   pip install torch==2.13.0 transformers==4.37.2 einops sentencepiece safetensors numpy 'accelerate<1' peft==0.10.0
+    # a checkout of OpenGVLab/InternVL, and a stub package providing an identity
+    # timm.models.layers.DropPath on PYTHONPATH (timm itself needs torchvision)
+    PYTHONPATH=STUBS:THIS_REPO python scripts/record_upstream_reference.py \\
+        --internvl-src INTERNVL/internvl_chat --out OUT_DIR
+
+Writes OUT_DIR/upstream_logits.json (logits of InternVLChatModel on the tiny
+original-layout checkpoints, one per backbone) and
+OUT_DIR/internlm2_tokenizer_reference.json (InternLM2Tokenizer on the tiny
+sentencepiece models in tests/data/internlm2_tokenizer). The tests compare
+the converted checkpoints and tokenizers against these files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+BACKBONES = {"qwen2": "300m", "internlm2": "300m", "llama": "6b", "phi3": "300m"}
+TEXTS = [
+    "Hello world", " leading space", "trailing space ", "a  b\n\nc", "你好，世界 123", "3.14 2026",
+    "<|im_start|>user\nhi<|im_end|>",
+    "<img><IMG_CONTEXT><IMG_CONTEXT></img>\nDescribe the image.",
+    "<|im_start|>system\n你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型<|im_end|><|im_start|>user\n"
+    "<img><IMG_CONTEXT></img>\nWhat is in the picture?<|im_end|><|im_start|>assistant\n",
+    "emoji ☃ 🐼 byte fallback", "tab\tand\r\ncrlf", "",
+    "<quad>(1,2)</quad><ref>cat</ref><box>[[1,2,3,4]]</box>",
+    "Frame1: <img></img>\nFrame2: ", "  two leading", "\nnewline first",
+]  # fmt: skip
+
+
+def logits(out: Path) -> None:
+    import torch
+    import transformers
+    from internvl.model.internvl_chat import InternVLChatConfig, InternVLChatModel
+
+    from internvl_launch.checkpoint.tiny_original import TinyOriginalConfig, fidelity_inputs, generate_tiny_original
+
+    result: dict = {"transformers": transformers.__version__, "torch": torch.__version__, "models": {}}
+    for name, style in BACKBONES.items():
+        config = TinyOriginalConfig(backbone=name, vision_style=style)
+        path = generate_tiny_original(out / "checkpoints" / name, config)
+        cfg = InternVLChatConfig.from_pretrained(path)
+        cfg.llm_config.attn_implementation = cfg.llm_config._attn_implementation = "eager"
+        model = InternVLChatModel.from_pretrained(path, config=cfg, torch_dtype=torch.float32, use_flash_attn=False)
+        model.eval()
+        added = {t["content"]: t["id"] for t in json.loads((path / "tokenizer.json").read_text())["added_tokens"]}
+        ctx, start, end = (added[t] for t in ("<IMG_CONTEXT>", "<img>", "</img>"))
+        model.img_context_token_id = ctx
+        ids, pixels = fidelity_inputs(ctx, start, end)
+        with torch.no_grad():
+            flags = torch.ones(pixels.shape[0], dtype=torch.long)
+            values = model(pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids), image_flags=flags)
+            values = values.logits[0]
+        where = (ids[0] == ctx).nonzero()
+        positions = (int(where[0]), int(where[-1]), ids.shape[1] - 1)
+        result["models"][name] = {
+            "generator_config": asdict(config),
+            "model_sha256": hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest(),
+            "positions": {str(p): [round(float(v), 6) for v in values[p]] for p in positions},
+            "sum": float(values.double().sum()),
+            "abs_sum": float(values.double().abs().sum()),
+            "greedy_last": int(values[-1].argmax()),
+        }
+    (out / "upstream_logits.json").write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n")
+
+
+def tokenizer(out: Path) -> None:
+    import transformers
+    from internvl.model.internlm2.tokenization_internlm2 import InternLM2Tokenizer
+
+    data = Path(__file__).resolve().parent.parent / "tests" / "data" / "internlm2_tokenizer"
+    result: dict = {"transformers": transformers.__version__, "texts": TEXTS, "tokenizers": {}}
+    for name in ("dummy_prefix", "no_dummy_prefix"):
+        tok = InternLM2Tokenizer.from_pretrained(data / name)
+        encoded = [tok(t).input_ids for t in TEXTS]
+        result["tokenizers"][name] = {
+            "input_ids": encoded,
+            "decoded": [tok.decode(ids[1:]) for ids in encoded],
+            "decoded_skip_special": [tok.decode(ids, skip_special_tokens=True) for ids in encoded],
+            "len": len(tok),
+        }
+    (out / "internlm2_tokenizer_reference.json").write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--internvl-src", required=True, help="OpenGVLab/InternVL's internvl_chat directory")
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args()
+    sys.path.insert(0, args.internvl_src)
+    args.out.mkdir(parents=True, exist_ok=True)
+    logits(args.out)
+    tokenizer(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
