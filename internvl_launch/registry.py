@@ -223,16 +223,7 @@ def load_registry(specs_dirs: Sequence[str | os.PathLike[str]] = (), *, use_cach
         if cached is not None:
             return cached
 
-    loaded: list[tuple[Family, str, bool]] = []
-    issues: list[SpecIssue] = []
-    for path, is_builtin in files:
-        family, file_issues = validate_file(path)
-        issues += file_issues
-        if family is not None:
-            loaded.append((family, str(path), is_builtin))
-    if issues:
-        raise InvalidSpecError(issues, hint="Fix the spec files above; nothing was launched.")
-    registry = _merge(loaded)
+    registry = _merge(_validate_all(files, hint="Fix the spec files above; nothing was launched."))
     if use_cache:
         _write_cache(cache_file, registry)
     return registry
@@ -244,16 +235,23 @@ def check_addition(family: Family, source: str, *, replacing: Path | None = None
     or alias clash, exactly as loading would."""
     builtin = spec_files(builtin_specs_dir())
     overlays = [f for d in overlay_dirs() for f in spec_files(d) if replacing is None or f != replacing]
+    files = [(f, True) for f in builtin] + [(f, False) for f in overlays]
+    return _merge([*_validate_all(files, hint="Fix the spec files above first."), (family, source, False)])
+
+
+def _validate_all(files: list[tuple[Path, bool]], *, hint: str) -> list[tuple[Family, str, bool]]:
+    """Every file validated: (family, file, is built-in) for each, or one
+    `InvalidSpecError` listing every problem in every file."""
     loaded: list[tuple[Family, str, bool]] = []
     issues: list[SpecIssue] = []
-    for path, is_builtin in [(f, True) for f in builtin] + [(f, False) for f in overlays]:
-        found, file_issues = validate_file(path)
+    for path, is_builtin in files:
+        family, file_issues = validate_file(path)
         issues += file_issues
-        if found is not None:
-            loaded.append((found, str(path), is_builtin))
+        if family is not None:
+            loaded.append((family, str(path), is_builtin))
     if issues:
-        raise InvalidSpecError(issues, hint="Fix the spec files above first.")
-    return _merge([*loaded, (family, source, False)])
+        raise InvalidSpecError(issues, hint=hint)
+    return loaded
 
 
 def _merge(loaded: list[tuple[Family, str, bool]]) -> Registry:

@@ -28,6 +28,25 @@ def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     return files
 
 
+def hub_spec(specs: Path, name: str, repo_id: str, changes: dict[str, str] | None = None) -> Path:
+    """A spec directory with one family: the built-in tiny spec renamed and
+    pointed at `repo_id` on Hugging Face, with `changes` (old -> new text)."""
+    text = (
+        Path(__file__)
+        .parent.parent.joinpath("specs", "internvl-tiny.yaml")
+        .read_text()
+        .replace("name: internvl-tiny", f"name: {name}")
+        .replace("aliases: [tiny, internvl-tiny-random]", "aliases: []")
+        .replace("hubs: {builtin: internvl-tiny}", f"hubs: {{huggingface: {repo_id}}}")
+    )
+    for old, new in (changes or {}).items():
+        assert old in text, old
+        text = text.replace(old, new)
+    specs.mkdir(parents=True, exist_ok=True)
+    (specs / f"{name}.yaml").write_text(text)
+    return specs
+
+
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> StandInHub:
     with StandInHub() as h:
@@ -113,16 +132,7 @@ def test_pickle_only_weights_are_refused_unless_allowed() -> None:
 
 def test_download_command_end_to_end(hub: StandInHub, tiny_files: dict[str, bytes], tmp_path: Path) -> None:
     hub.add_repo("test/tiny-hub", tiny_files)
-    specs = tmp_path / "specs"
-    specs.mkdir()
-    (specs / "tiny-hub.yaml").write_text(
-        Path(__file__)
-        .parent.parent.joinpath("specs", "internvl-tiny.yaml")
-        .read_text()
-        .replace("name: internvl-tiny", "name: tiny-hub")
-        .replace("aliases: [tiny, internvl-tiny-random]", "aliases: []")
-        .replace("hubs: {builtin: internvl-tiny}", "hubs: {huggingface: test/tiny-hub}")
-    )
+    specs = hub_spec(tmp_path / "specs", "tiny-hub", "test/tiny-hub")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "internvl_launch", "download", "-n", "tiny-hub", "--specs-dir", str(specs)]
     done = subprocess.run([*command, "--json"], capture_output=True, text=True, env=env, timeout=120)
@@ -209,18 +219,11 @@ def test_an_original_checkpoint_from_the_hub_is_converted_once_per_commit(
     files = {p.name: p.read_bytes() for p in original.iterdir()}
     files["modeling_internvl_chat.py"] = b"raise SystemExit('remote code ran')\n"
     first_commit = hub.add_repo("OpenGVLab/Tiny-Original", files)
-    specs = tmp_path / "specs"
-    specs.mkdir()
-    (specs / "tiny-original.yaml").write_text(
-        Path(__file__)
-        .parent.parent.joinpath("specs", "internvl-tiny.yaml")
-        .read_text()
-        .replace("name: internvl-tiny", "name: tiny-original")
-        .replace("aliases: [tiny, internvl-tiny-random]", "aliases: []")
-        .replace("hubs: {builtin: internvl-tiny}", "hubs: {huggingface: OpenGVLab/Tiny-Original}")
-        .replace("layout: native", "layout: original")
-        .replace("arch: qwen2", "arch: internlm2")
-        .replace("template: internvl2_5", "template: internlm2-chat")
+    specs = hub_spec(
+        tmp_path / "specs",
+        "tiny-original",
+        "OpenGVLab/Tiny-Original",
+        {"layout: native": "layout: original", "arch: qwen2": "arch: internlm2", "internvl2_5": "internlm2-chat"},
     )
     args = ("chat", "-n", "tiny-original", "--specs-dir", str(specs), "hello", "--max-tokens", "3", "--json")
     code, out, err = run_cli(*args)
