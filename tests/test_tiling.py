@@ -138,6 +138,26 @@ def test_cache_returns_the_same_tensor_for_the_same_bytes() -> None:
     assert preprocess_image(data, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("hasher", ["blake3", "sha256"])
+def test_cache_keys_are_content_hashes_with_either_hasher(hasher: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from internvl_launch.vision import tiling
+
+    assert tiling._blake3 is not None  # a declared dependency: the fast path is the one that runs
+    if hasher == "sha256":
+        monkeypatch.setattr(tiling, "_blake3", None)
+    big = encode(noise(1400, 1000), "PNG", "RGB")  # over 1 MiB: the SHA-256 path hashes it as a two-leaf tree
+    assert len(big) > tiling._SPLIT_HASH_BYTES
+    key = tiling._content_key(big, (12,))
+    assert key == tiling._content_key(bytes(big), (12,)) and len(key) == 32
+    assert key != tiling._content_key(big, (6,))
+    changed = bytearray(big)
+    changed[len(changed) // 3] ^= 1
+    assert key != tiling._content_key(bytes(changed), (12,))
+    CACHE.clear()
+    first = preprocess_image(big)
+    assert preprocess_image(bytes(big)) is first
+
+
 def test_truncated_image_is_refused() -> None:
     data = encode(noise(300, 300), "PNG", "RGB")
     with pytest.raises(MediaError, match="truncated or corrupt") as err:
