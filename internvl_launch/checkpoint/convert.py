@@ -35,18 +35,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from internvl_launch.checkpoint.local import CONVERSION_MARKER, ORIGINAL_ARCHS, safetensors_header
 from internvl_launch.errors import CheckpointError
 
 #: Bump when converted output changes: it moves the cache key.
 CONVERTER_VERSION = 1
 
 #: The original config's LLM class -> our name for the backbone.
-BACKBONES = {
-    "Qwen2ForCausalLM": "qwen2",
-    "LlamaForCausalLM": "llama",
-    "InternLM2ForCausalLM": "internlm2",
-    "Phi3ForCausalLM": "phi3",
-}
+BACKBONES = ORIGINAL_ARCHS
 #: The native text model each backbone becomes.
 NATIVE_TEXT = {"qwen2": "qwen2", "llama": "llama", "internlm2": "llama", "phi3": "phi3"}
 
@@ -61,7 +57,7 @@ _VIT_DEFAULTS = {
     "patch_size": 14,
     "num_channels": 3,
 }
-MARKER = "internvl_launch_conversion.json"
+MARKER = CONVERSION_MARKER
 _SHARD_BYTES = 4 * 1024**3
 _NOTE = Callable[[str], None]
 
@@ -414,29 +410,16 @@ def _read_tensors(src: OriginalCheckpoint) -> Iterator[tuple[str, Any]]:
 
 
 def _has_lm_head(src: OriginalCheckpoint) -> bool:
+    """Whether the checkpoint has its own output head, read from the index or
+    the safetensors headers (which also catches a truncated file before
+    anything is written)."""
     names = ("language_model.lm_head.weight", "language_model.output.weight")
-    index = src.path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            keys = json.loads(index.read_text()).get("weight_map", {})
-            return any(n in keys for n in names)
-        except ValueError:
-            pass
-    if src.weight_format == "safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        for name in src.weight_files:
-            try:
-                with safe_open(str(src.path / name), framework="pt") as handle:
-                    if any(n in handle.keys() for n in names):
-                        return True
-            except (SafetensorError, OSError) as err:
-                raise CheckpointError(
-                    f"{src.path / name} cannot be read as safetensors ({err}); it may be truncated or corrupt.",
-                    hint="Download or copy the file again; nothing was written.",
-                ) from err
-        return False
-    return True
+    if src.weight_format != "safetensors":
+        return True
+    keys: set[str] = set()
+    for name in src.weight_files:
+        keys.update(safetensors_header(src.path / name))
+    return any(n in keys for n in names)
 
 
 def _write_weights(
@@ -509,11 +492,11 @@ _TOKENIZER_FILES = (
 )
 
 
-def _write_tokenizer(src: OriginalCheckpoint, out: Path, template: Any, system_message: str) -> tuple[int, list[str]]:
+def _write_tokenizer(src: OriginalCheckpoint, out: Path, template: Any, system_message: str) -> tuple[Any, list[str]]:
     """Copy the tokenizer without its remote code, add what native processors
     read (named image tokens, a chat template that emits `<IMG_CONTEXT>`), and
-    return the `<IMG_CONTEXT>` id. Sentencepiece-only tokenizers (InternLM2)
-    are turned into a `tokenizer.json` first."""
+    return it loaded from `out`, with notes. Sentencepiece-only tokenizers
+    (InternLM2) are turned into a `tokenizer.json` first."""
     from internvl_launch.checkpoint.tiny import NAMED_IMAGE_TOKENS, chat_template
     from internvl_launch.prompt.templates import IMG_CONTEXT
 
@@ -540,7 +523,7 @@ def _write_tokenizer(src: OriginalCheckpoint, out: Path, template: Any, system_m
             f"The tokenizer of {src.path} lacks {', '.join(missing)}; InternVL needs them as tokens.",
             hint="Is this a language-model-only checkpoint? Nothing was written.",
         )
-    return tokenizer.convert_tokens_to_ids(IMG_CONTEXT), notes
+    return tokenizer, notes
 
 
 def _sentencepiece_to_fast(out: Path, notes: list[str]) -> None:
@@ -557,12 +540,9 @@ def _sentencepiece_to_fast(out: Path, notes: list[str]) -> None:
     notes.append("tokenizer: tokenizer.json built from tokenizer.model")
 
 
-def _write_generation_config(src: OriginalCheckpoint, out: Path, template: Any) -> int | None:
+def _write_generation_config(src: OriginalCheckpoint, out: Path, template: Any, tokenizer: Any) -> int | None:
     """Generation config whose end token is the template's (`<|im_end|>`, or
     `<|end|>` for phi3-chat), as the original `chat()` sets it."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(out)
     stop_id = tokenizer.convert_tokens_to_ids(template.stop_token)
     if stop_id is None or stop_id == tokenizer.unk_token_id:
         stop_id = None
@@ -622,7 +602,7 @@ def convert(
     """Convert the original-layout checkpoint at `source` into a native one at
     `destination`. The destination must be absent or empty unless `overwrite`;
     it is written whole or not at all."""
-    from internvl_launch.prompt.templates import DEFAULT_SYSTEM_MESSAGES
+    from internvl_launch.prompt.templates import DEFAULT_SYSTEM_MESSAGES, IMG_CONTEXT
 
     started = time.perf_counter()
     say = notify or (lambda _message: None)
@@ -645,13 +625,14 @@ def convert(
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         say(f"Reading {src.path} ({src.backbone} backbone, template {template.name}, {len(src.weight_files)} file(s))")
-        image_token_id, notes = _write_tokenizer(src, tmp, template, message)
+        tokenizer, notes = _write_tokenizer(src, tmp, template, message)
+        image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         has_head = _has_lm_head(src)
         mapper = WeightMapper(src)
         _files, params, dominant = _write_weights(src, tmp, mapper, _dtype(dtype))
         config = native_config(src, image_token_id=image_token_id, has_lm_head=has_head, dtype=dtype or dominant)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _write_generation_config(src, tmp, template)
+        _write_generation_config(src, tmp, template, tokenizer)
         from internvl_launch.checkpoint.tiny import write_processor_files
 
         write_processor_files(tmp, max_tiles=int(src.config.get("max_dynamic_patch", 12)))

@@ -18,7 +18,7 @@ from typing import Any
 
 from internvl_launch.errors import CheckpointError
 
-_ORIGINAL_ARCHS = {
+ORIGINAL_ARCHS = {
     "Qwen2ForCausalLM": "qwen2",
     "LlamaForCausalLM": "llama",
     "InternLM2ForCausalLM": "internlm2",
@@ -93,7 +93,7 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + length + end > size:
         raise CheckpointError(
-            f"{path} is truncated: its header describes {8 + length + end} bytes, the file has {size}.",
+            f"{path} is truncated or corrupt: its header describes {8 + length + end} bytes, the file has {size}.",
             hint="Download or copy the file again.",
         )
     return header
@@ -195,11 +195,11 @@ def _describe_original(root: Path, config: dict[str, Any], prov: dict[str, str])
     if not isinstance(llm, dict) or not isinstance(vit, dict):
         raise CheckpointError(f"{root}/config.json has InternVLChatModel but lacks llm_config or vision_config.")
     llm_arch = (llm.get("architectures") or ["unset"])[0]
-    if llm_arch not in _ORIGINAL_ARCHS:
+    if llm_arch not in ORIGINAL_ARCHS:
         raise CheckpointError(
-            f"{root} has a {llm_arch} language model; InternVL checkpoints use {', '.join(sorted(_ORIGINAL_ARCHS))}.",
+            f"{root} has a {llm_arch} language model; InternVL checkpoints use {', '.join(sorted(ORIGINAL_ARCHS))}.",
         )
-    arch = _ORIGINAL_ARCHS[llm_arch]
+    arch = ORIGINAL_ARCHS[llm_arch]
     prov["layout"] = "config.json architectures: InternVLChatModel (original; converted on first use)"
     prov["llm"] = f"config.json llm_config.architectures: {llm_arch}"
     template = config.get("template")
