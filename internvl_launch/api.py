@@ -21,15 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from internvl_launch.engines.device_map import device_map_for
 from internvl_launch.engines.transformers_engine import (
     Completion,
     GenerationRequest,
     SamplingParams,
     TransformersEngine,
+    require_supported,
 )
 from internvl_launch.environment import probe_environment
-from internvl_launch.errors import EngineUnavailableError
 from internvl_launch.prompt import Message, Prompt, build_prompt, conversation_media, get_template, parse_messages
 from internvl_launch.registry import Spec, load_registry
 from internvl_launch.request import LaunchRequest
@@ -213,18 +212,6 @@ def load(
         template=template,
     )
     plan = resolve_plan(load_registry(specs_dirs), request, probe_environment())
-    if plan.quantization not in ("none", "8-bit", "4-bit"):
-        raise EngineUnavailableError(
-            f"Quantization {plan.quantization} is not supported by this version's Transformers engine.",
-            hint="Use none, 8-bit or 4-bit, or the vLLM engine.",
-        )
-    path = locate_weights(plan, notify=notify)
-    engine = TransformersEngine(
-        path,
-        device=plan.device,
-        dtype=plan.dtype,
-        quantization=plan.quantization,
-        stop=plan.spec.stop,
-        device_map=device_map_for(plan.device_map, plan.gpu_indices, path),
-    )
+    require_supported(plan)
+    engine = TransformersEngine.for_plan(plan, locate_weights(plan, notify=notify))
     return InternVLModel(plan, engine, max_tiles or plan.spec.max_tiles)

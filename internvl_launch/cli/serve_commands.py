@@ -246,11 +246,10 @@ def launch_command(ctx: click.Context, as_json: bool, dry_run: bool, engine_args
             "--nodes spreads a model over several machines with vLLM and Ray; the Transformers engine runs on one.",
             hint="Pass --model-engine vllm (with a Ray cluster running), or drop --nodes.",
         )
-    if plan.engine == "transformers" and plan.quantization not in ("none", "8-bit", "4-bit"):
-        raise EngineUnavailableError(
-            f"The Transformers engine cannot serve quantization {plan.quantization}.",
-            hint="Use none, 8-bit or 4-bit, or the vLLM engine.",
-        )
+    if plan.engine == "transformers":
+        from internvl_launch.engines.transformers_engine import require_supported
+
+        require_supported(plan)
     weights = locate_weights(
         plan,
         trust_remote_code=flags["trust_remote_code"],

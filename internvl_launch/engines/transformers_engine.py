@@ -21,7 +21,7 @@ from typing import Any
 
 from internvl_launch.errors import ConversationError, EngineUnavailableError
 from internvl_launch.prompt import Prompt
-from internvl_launch.resolver import BNB_SKIP_MODULES
+from internvl_launch.resolver import BNB_SKIP_MODULES, LaunchPlan
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,19 @@ def _torch_dtype(name: str) -> Any:
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+#: What the engine loads: full precision, or bitsandbytes at load time.
+SUPPORTED_QUANTIZATIONS = ("none", "8-bit", "4-bit")
+
+
+def require_supported(plan: LaunchPlan) -> None:
+    """Refuse, before anything is downloaded, a plan this engine cannot load."""
+    if plan.quantization not in SUPPORTED_QUANTIZATIONS:
+        raise EngineUnavailableError(
+            f"The Transformers engine cannot load quantization {plan.quantization}.",
+            hint="Use none, 8-bit or 4-bit, or the vLLM engine.",
+        )
 
 
 def bnb_config(quantization: str, compute_dtype: str) -> Any:
@@ -148,6 +161,22 @@ class TransformersEngine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_token_ids[0]
         self._seed_lock = threading.Lock()
         self._torch = torch
+
+    @classmethod
+    def for_plan(cls, plan: LaunchPlan, weights: Path) -> TransformersEngine:
+        """The engine a plan describes: its device, dtype, quantization, stop
+        strings, and the device map over its GPUs."""
+        from internvl_launch.engines.device_map import device_map_for
+
+        require_supported(plan)
+        return cls(
+            weights,
+            device=plan.device,
+            dtype=plan.dtype,
+            quantization=plan.quantization,
+            stop=plan.spec.stop,
+            device_map=device_map_for(plan.device_map, plan.gpu_indices, weights),
+        )
 
     @property
     def input_device(self) -> Any:

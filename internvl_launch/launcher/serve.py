@@ -146,7 +146,6 @@ def serve_transformers(
     the exit code: 0 after a clean shutdown."""
     import uvicorn
 
-    from internvl_launch.engines.device_map import device_map_for
     from internvl_launch.engines.transformers_engine import TransformersEngine
     from internvl_launch.server.app import ServerConfig, create_app
     from internvl_launch.server.fetch import FetchPolicy, MediaFetcher
@@ -157,14 +156,7 @@ def serve_transformers(
     sock = bind(options.host, options.port)
     port = sock.getsockname()[1]
     say(f"loading {plan.model_ref} from {weights} ({plan.device}, {plan.dtype}, quantization {plan.quantization})")
-    engine = TransformersEngine(
-        weights,
-        device=plan.device,
-        dtype=plan.dtype,
-        quantization=plan.quantization,
-        stop=plan.spec.stop,
-        device_map=device_map_for(plan.device_map, plan.gpu_indices, weights),
-    )
+    engine = TransformersEngine.for_plan(plan, weights)
     say(f"loaded in {engine.load_seconds:.1f} s")
     spec = plan.spec
     limits = ServiceLimits(
