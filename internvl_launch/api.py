@@ -211,7 +211,14 @@ def load(
         model_path=str(model_path) if model_path is not None else None,
         template=template,
     )
-    plan = resolve_plan(load_registry(specs_dirs), request, probe_environment())
+    return load_plan(resolve_plan(load_registry(specs_dirs), request, probe_environment()), max_tiles, notify)
+
+
+def load_plan(
+    plan: LaunchPlan, max_tiles: int | None = None, notify: Callable[[str], None] | None = None
+) -> InternVLModel:
+    """Load a resolved Transformers-engine plan: its weights (fetched or
+    converted as needed), then the engine."""
     require_supported(plan)
     engine = TransformersEngine.for_plan(plan, locate_weights(plan, notify=notify))
     return InternVLModel(plan, engine, max_tiles or plan.spec.max_tiles)

@@ -239,3 +239,20 @@ def test_an_original_checkpoint_from_the_hub_is_converted_once_per_commit(
     code, _, err = run_cli(*args)
     assert code == 0 and "Converting" in err
     assert sorted(p.name for p in converted.iterdir()) == sorted([f"{first_commit}-v1", f"{second_commit}-v1"])
+
+
+def test_chat_takes_the_hub_and_revision_flags_as_launch_does(
+    hub: StandInHub,
+    tiny_files: dict[str, bytes],
+    tmp_path: Path,
+    run_cli,  # type: ignore[no-untyped-def]
+) -> None:
+    hub.add_repo("test/tiny-hub", tiny_files)
+    specs = str(hub_spec(tmp_path / "specs", "tiny-hub", "test/tiny-hub"))
+    code, _, err = run_cli("chat", "-n", "tiny-hub", "--specs-dir", specs, "--hub", "modelscope", "hi")
+    assert code == 4 and "not published on modelscope" in err
+    code, _, err = run_cli("chat", "-n", "tiny-hub", "--specs-dir", specs, "--revision", "nope", "hi")
+    assert code == 10 and "Revision 'nope'" in err
+    code, out, err = run_cli("chat", "-n", "tiny-hub", "--specs-dir", specs, "hi", "--max-tokens", "2", "--json")
+    assert code == 0, err
+    assert json.loads(out)["completion_tokens"] == 2

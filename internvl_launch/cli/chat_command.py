@@ -193,21 +193,17 @@ def chat_command(
 
 
 def _load(flags: dict[str, Any], max_tiles: int | None) -> Any:
-    from internvl_launch.api import load
+    """The model the flags name, on the Transformers engine: the same request
+    and plan as `launch` (hub, revision, GPUs and context length included)."""
+    from dataclasses import replace
 
-    return load(
-        flags["model_name"] or None,
-        size=flags["size"],
-        quantization=flags["quantization"],
-        model_format=flags["fmt"],
-        device=flags["device"],
-        model_path=flags["model_path"],
-        template=flags["template"],
-        notify=lambda m: click.echo(f"internvl: {m}", err=True),
-        max_tiles=max_tiles,
-        specs_dirs=flags["specs_dirs"],
-        memory_check=not flags["no_memory_check"],
-    )
+    from internvl_launch.api import load_plan
+    from internvl_launch.environment import probe_environment
+    from internvl_launch.resolver import resolve_plan
+
+    request = replace(request_from_flags(flags), engine="transformers")
+    plan = resolve_plan(load_registry(flags["specs_dirs"]), request, probe_environment())
+    return load_plan(plan, max_tiles, notify=lambda m: click.echo(f"internvl: {m}", err=True))
 
 
 def _generate(
