@@ -338,28 +338,39 @@ def select_model_with_provenance(
             local = describe_checkpoint(request.model_path)
             spec = replace(spec, layout=local.layout)  # type: ignore[arg-type]
             provenance = {"spec": f"registry: {family.name} (--model-name)", "layout": local.provenance["layout"]}
-    if request.template:
-        spec = _with_template(
-            spec, request.template, keep_system=bool(provenance.get("system_message", "").startswith("config"))
-        )
-        provenance["template"] = "--template"
+        if request.template:
+            from internvl_launch.prompt.templates import DEFAULT_SYSTEM_MESSAGES
+
+            name = _template_named(request.template)
+            spec = replace(
+                spec,
+                template=name,  # type: ignore[arg-type]
+                stop=_stops(name),
+                system_message=DEFAULT_SYSTEM_MESSAGES[name],
+            )
+            provenance["template"] = "--template"
     return family, spec, quantization, reasons, provenance
 
 
-def _with_template(spec: Spec, name: str, *, keep_system: bool) -> Spec:
-    from internvl_launch.prompt.templates import DEFAULT_SYSTEM_MESSAGES, TEMPLATES
+def _template_named(name: str) -> str:
+    from internvl_launch.prompt.templates import TEMPLATES
 
     if name not in TEMPLATES:
         raise NoMatchingSpecError(f"Unknown template {name!r}.", hint=f"Choose one of: {', '.join(TEMPLATES)}.")
-    system = spec.system_message if keep_system else DEFAULT_SYSTEM_MESSAGES[name]
-    return replace(spec, template=name, stop=TEMPLATES[name].stop_strings, system_message=system)  # type: ignore[arg-type]
+    return name
+
+
+def _stops(template: str) -> tuple[str, ...]:
+    from internvl_launch.prompt.templates import TEMPLATES
+
+    return TEMPLATES[template].stop_strings
 
 
 def _local_model(request: LaunchRequest) -> tuple[Family, Spec, str, list[str], dict[str, str]]:
     """A one-spec family described by the checkpoint at `request.model_path`;
     flags (size, format, quantization) override what was read."""
     from internvl_launch.checkpoint.local import describe_checkpoint
-    from internvl_launch.prompt.templates import DEFAULT_SYSTEM_MESSAGES, TEMPLATES
+    from internvl_launch.prompt.templates import DEFAULT_SYSTEM_MESSAGES
 
     assert request.model_path is not None
     local = describe_checkpoint(request.model_path)
@@ -388,7 +399,12 @@ def _local_model(request: LaunchRequest) -> tuple[Family, Spec, str, list[str], 
         provenance["quantization"] = "--quantization"
     else:
         reasons.append(f"quantization not given: picked {quantization}")
-    template = TEMPLATES[local.template]
+    template = local.template
+    if request.template:
+        template = _template_named(request.template)
+        provenance["template"] = "--template"
+        if local.system_message is None:
+            provenance["system_message"] = f"the {template} default"
     spec = Spec(
         format=local.format,  # type: ignore[arg-type]
         size=size,
@@ -403,9 +419,10 @@ def _local_model(request: LaunchRequest) -> tuple[Family, Spec, str, list[str], 
             head_dim=local.head_dim,
         ),
         vision=VisionTower(name=local.vision_name, params_b=round(local.vision_params / 1e9, 3)),
-        template=local.template,  # type: ignore[arg-type]
-        system_message=local.system_message or DEFAULT_SYSTEM_MESSAGES[local.template],
-        stop=template.stop_strings,
+        template=template,  # type: ignore[arg-type]
+        # A system message the checkpoint names stays; otherwise the template's own.
+        system_message=local.system_message or DEFAULT_SYSTEM_MESSAGES[template],
+        stop=_stops(template),
         max_tiles=local.max_tiles,
         layout=local.layout,  # type: ignore[arg-type]
     )

@@ -265,3 +265,12 @@ def test_bitsandbytes_on_every_converted_backbone_leaves_vision_projector_and_he
         assert any(n.startswith(prefix) for n in plain), prefix
     reply = model.chat("Describe the image.", image=image, max_tokens=3)
     assert isinstance(reply, str)
+
+
+def test_template_flag_overrides_a_registry_spec_too(run_cli) -> None:  # type: ignore[no-untyped-def]
+    code, out, err = run_cli("resolve", "-n", "internvl-tiny", "--template", "phi3-chat", "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["spec"]["template"] == "phi3-chat" and plan["spec"]["stop"] == ["<|end|>"]
+    assert plan["provenance"] == {"template": "--template"}
+    assert plan["spec"]["system_message"].startswith("你是由上海人工智能实验室")
