@@ -92,6 +92,29 @@ def _vllm_env(tmp: Path, cache: Path) -> dict[str, str]:
     return env
 
 
+def _launch_until_ready(tmp: Path, env: dict[str, str], *model: str) -> tuple[subprocess.Popen, dict]:
+    """`internvl launch MODEL -e vllm` in the background; returns the process
+    and its ready JSON once the ready file appears (failing if it exits first)."""
+    ready_file = tmp / "ready.json"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "internvl_launch", "launch", *model, "-e", "vllm", "--port", "0",
+         "--ready-file", str(ready_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    deadline = time.monotonic() + 600
+    try:
+        while not ready_file.exists():
+            assert launcher.poll() is None, launcher.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    except BaseException:
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGTERM)
+            launcher.communicate(timeout=120)
+        raise
+    return launcher, json.loads(ready_file.read_text())
+
+
 @pytest.mark.vllm
 def test_child_dying_at_start_up_is_a_clear_error(tmp_path: Path) -> None:
     env = _vllm_env(tmp_path, tmp_path / "cache")
@@ -107,18 +130,7 @@ def test_child_dying_at_start_up_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.vllm
 def test_child_killed_while_serving_fails_the_launch(tmp_path: Path) -> None:
     env = _vllm_env(tmp_path, tmp_path / "cache")
-    ready_file = tmp_path / "ready.json"
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "internvl_launch", "launch", "-n", "internvl-tiny", "-e", "vllm", "--port", "0",
-         "--ready-file", str(ready_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
-    deadline = time.monotonic() + 600
-    while not ready_file.exists():
-        assert launcher.poll() is None, launcher.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    ready = json.loads(ready_file.read_text())
+    launcher, ready = _launch_until_ready(tmp_path, env, "-n", "internvl-tiny")
     assert ready["engine"] == "vllm" and ready["pid"] == launcher.pid
     os.kill(ready["engine_pid"], signal.SIGKILL)
     _out, err = launcher.communicate(timeout=60)
@@ -157,19 +169,8 @@ def test_vllm_serves_a_converted_original_checkpoint_without_remote_code(tmp_pat
 
     original = generate_tiny_original(tmp_path / "orig", TinyOriginalConfig("internlm2"))
     env = _vllm_env(tmp_path, tmp_path / "cache")
-    ready_file = tmp_path / "ready.json"
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "internvl_launch", "launch", "--model-path", str(original), "-e", "vllm",
-         "--port", "0", "--ready-file", str(ready_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+    launcher, ready = _launch_until_ready(tmp_path, env, "--model-path", str(original))
     try:
-        deadline = time.monotonic() + 600
-        while not ready_file.exists():
-            assert launcher.poll() is None, launcher.stderr.read()
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
-        ready = json.loads(ready_file.read_text())
         image = "data:image/png;base64," + base64.b64encode(png_bytes((400, 300))).decode()
         reply = httpx.post(
             ready["url"] + "/chat/completions",
