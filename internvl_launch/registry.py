@@ -229,14 +229,18 @@ def load_registry(specs_dirs: Sequence[str | os.PathLike[str]] = (), *, use_cach
     return registry
 
 
-def check_addition(family: Family, source: str, *, replacing: Path | None = None) -> Registry:
+def check_addition(family: Family, source: str, *, replacing: Path | None = None) -> tuple[Registry, bool]:
     """The registry as it would be with `family` (from `source`) added to the
-    user's overlays, `replacing` left out: raises `InvalidSpecError` on a name
-    or alias clash, exactly as loading would."""
+    user's overlays, `replacing` left out, and whether `family` replaces a
+    built-in one: raises `InvalidSpecError` on a name or alias clash, exactly
+    as loading would."""
     builtin = spec_files(builtin_specs_dir())
     overlays = [f for d in overlay_dirs() for f in spec_files(d) if replacing is None or f != replacing]
     files = [(f, True) for f in builtin] + [(f, False) for f in overlays]
-    return _merge([*_validate_all(files, hint="Fix the spec files above first."), (family, source, False)])
+    loaded = _validate_all(files, hint="Fix the spec files above first.")
+    registry = _merge([*loaded, (family, source, False)])
+    name = normalize_name(family.name)
+    return registry, any(is_builtin and normalize_name(f.name) == name for f, _, is_builtin in loaded)
 
 
 def _validate_all(files: list[tuple[Path, bool]], *, hint: str) -> list[tuple[Family, str, bool]]:

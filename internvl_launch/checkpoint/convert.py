@@ -771,9 +771,5 @@ def cached_conversion(
         return target, True
     say = notify or (lambda _message: None)
     say(f"Converting {source} to the Transformers-native layout (cached at {target})")
-    try:
-        convert(source, target, allow_pickle=allow_pickle, verify=False, overwrite=True, notify=notify)
-    except FileExistsError:  # another process converted it first
-        if not (target / MARKER).is_file():
-            raise
+    convert(source, target, allow_pickle=allow_pickle, verify=False, overwrite=True, notify=notify)
     return target, False

@@ -190,7 +190,7 @@ def register_command(path: str, replace: bool, as_json: bool) -> None:
 
     from internvl_launch.checkpoint.local import describe_checkpoint
     from internvl_launch.paths import user_specs_dir
-    from internvl_launch.registry import builtin_specs_dir, check_addition
+    from internvl_launch.registry import check_addition
 
     source = Path(path)
     if not source.is_file():
@@ -208,10 +208,7 @@ def register_command(path: str, replace: bool, as_json: bool) -> None:
             [SpecIssue(str(source), None, "name", f"{family.name!r} is already registered ({target})")],
             hint="Pass --replace to replace it, or `internvl unregister` it first.",
         )
-    registry = check_addition(family, str(source), replacing=target if target.exists() else None)
-    replaces_builtin = family.overrides_builtin and any(
-        f.stem == family.name or _defines(f, family.name) for f in spec_files(builtin_specs_dir())
-    )
+    registry, replaces_builtin = check_addition(family, str(source), replacing=target if target.exists() else None)
     target_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{family.name}.", suffix=".tmp", dir=target_dir)
     try:
@@ -234,11 +231,6 @@ def register_command(path: str, replace: bool, as_json: bool) -> None:
     click.echo(f"registered {family.name} ({len(family.specs)} specs): {target}")
     if replaces_builtin:
         note(f"internvl: {family.name} replaces the built-in family of that name (overrides_builtin: true).")
-
-
-def _defines(path: Path, name: str) -> bool:
-    family, _ = validate_file(path)
-    return family is not None and family.name == name
 
 
 @click.command("unregister")
