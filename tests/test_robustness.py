@@ -167,6 +167,22 @@ def test_client_set_costs_are_clamped_or_refused(server: Server) -> None:
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] <= 13 * 258 + 100
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"repetition_penalty": 5e-324, "temperature": 1.0},  # found by fuzzing: it stopped the engine
+        {"repetition_penalty": 5e-324, "temperature": 0.5},
+        {"temperature": 1e-300},
+        {"temperature": 2.0, "top_p": 1e-300, "repetition_penalty": 10},
+    ],
+)
+def test_extreme_sampling_settings_are_answered_and_the_server_stays_up(server: Server, settings: dict) -> None:
+    r = chat(server, "x", **settings)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+    assert httpx.get(server.base + "/health").json() == {"status": "ok"}
+
+
 # 21: CORS closed unless asked
 
 

@@ -302,3 +302,30 @@ def test_parse_messages_round_trip_into_engine(engine: TransformersEngine) -> No
     messages = parse_messages([{"role": "user", "content": "Hi"}])
     prompt = build_prompt(messages, template=get_template("internvl2_5"), system_message="S")
     assert engine.generate([GenerationRequest(prompt)], SamplingParams(max_tokens=2))[0].completion_tokens >= 1
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"repetition_penalty": 5e-324, "temperature": 1.0},
+        {"repetition_penalty": 5e-324, "temperature": 1e-5, "top_p": 1e-300},
+        {"repetition_penalty": 1e-30, "temperature": 0.01},
+        {"temperature": 1e-300},
+        {"temperature": 2.0, "top_k": 1, "repetition_penalty": 10},
+    ],
+)
+def test_extreme_sampling_settings_never_fail_the_batch(tiny_dir: Path, settings: dict) -> None:
+    """Overflowing scores used to make torch.multinomial raise, failing every
+    conversation in the batch; the engine keeps sampling from finite scores."""
+    engine = TransformersEngine(tiny_dir, stop=("<|im_end|>",))
+    done = engine.generate([req("Hello"), req("Hi there")], SamplingParams(max_tokens=3, seed=1, **settings))
+    assert len(done) == 2 and all(c.completion_tokens >= 1 for c in done)
+
+
+def test_a_temperature_below_the_greedy_threshold_is_greedy(tiny_dir: Path) -> None:
+    from internvl_launch.engines.transformers_engine import GREEDY_BELOW
+
+    engine = TransformersEngine(tiny_dir, stop=("<|im_end|>",))
+    greedy = engine.generate([req("Hello")], SamplingParams(max_tokens=6))[0].text
+    for temperature in (GREEDY_BELOW / 10, 1e-300):
+        assert engine.generate([req("Hello")], SamplingParams(max_tokens=6, temperature=temperature))[0].text == greedy

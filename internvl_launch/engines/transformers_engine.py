@@ -212,13 +212,16 @@ class TransformersEngine:
         return input_ids.to(self.input_device), mask.to(self.input_device), pixel_values, [len(e) for e in encoded]
 
     def _generate_kwargs(self, params: SamplingParams, max_new_tokens: int) -> dict[str, Any]:
+        from transformers import LogitsProcessorList
+
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_new_tokens,
             "eos_token_id": self.stop_token_ids,
             "pad_token_id": self.pad_id,
-            "repetition_penalty": params.repetition_penalty,
+            "repetition_penalty": float(params.repetition_penalty),
+            "logits_processor": LogitsProcessorList([_FiniteScores()]),
         }
-        if params.temperature > 0:
+        if params.temperature >= GREEDY_BELOW:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -288,6 +291,36 @@ class TransformersEngine:
         finally:
             cancel.set()
             worker.join()
+
+
+#: Temperatures below this sample greedily: dividing logits by less overflows
+#: float32 into infinities that no sampler can draw from.
+GREEDY_BELOW = 1e-5
+
+
+class _FiniteScores:
+    """Logits processor that keeps one request's extreme settings from failing
+    the sampler, and with it the batch it shares: a repetition penalty near
+    zero divides positive logits into +inf (or into values the temperature
+    then divides past float32's range). Such scores are capped where no
+    temperature the engine samples with can overflow them, NaN is never
+    drawn, and a row with nothing left becomes uniform. Transformers runs the
+    temperature and top-p/top-k warpers after processors passed in, so the
+    cap leaves room for them. One comparison on ordinary steps."""
+
+    #: float32's largest value divided by the smallest sampling temperature, with a margin.
+    CAP = 3.4e38 * GREEDY_BELOW / 4
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if not (torch.isnan(scores).any() or (scores > self.CAP).any()):
+            return scores
+        scores = torch.nan_to_num(scores.float(), nan=float("-inf"), posinf=self.CAP).clamp(max=self.CAP)
+        dead = torch.isneginf(scores).all(dim=-1)
+        if dead.any():  # nothing left to draw from: every token alike
+            scores[dead] = 0.0
+        return scores
 
 
 @dataclass
