@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reference_preprocessing import closest_grid, reference_load_image, split_tiles
 
 from internvl_launch.errors import MediaError
-from internvl_launch.vision.tiling import CACHE, _two_pass, num_tiles, preprocess_image, tile_grid
+from internvl_launch.vision.tiling import CACHE, assemble_bands, num_tiles, preprocess_image, tile_grid
 
 SIZES = [
     (1, 1),
@@ -73,11 +73,29 @@ def test_bit_identical_to_the_reference_for_rgb(width: int, height: int) -> None
 @given(st.integers(1, 2500), st.integers(1, 2500), st.sampled_from([1, 6, 12]))
 def test_banded_two_pass_resize_is_pillows_resize(width: int, height: int, max_tiles: int) -> None:
     # Both pass orders of Pillow occur here (height shrinking more than twice as
-    # fast as width flips it), with one-tile and many-tile grids.
+    # fast as width flips it), with one-tile and many-tile grids, and the grid
+    # and the thumbnail resized together from shared source bands.
     img = noise(width, height)
     cols, rows = tile_grid(width, height, max_tiles=max_tiles)
-    size = (cols * 448, rows * 448)
-    assert np.array_equal(_two_pass(img, size, 448), np.asarray(img.resize(size, Image.Resampling.BICUBIC)))
+    sizes = [(cols * 448, rows * 448), (448, 448)]
+    for got, size in zip(assemble_bands(img, sizes, 448), sizes, strict=True):
+        assert np.array_equal(got, np.asarray(img.resize(size, Image.Resampling.BICUBIC)))
+
+
+@pytest.mark.parametrize(
+    ("source", "sizes"),
+    [
+        ((448, 448), [(448, 448)]),  # no pass at all
+        ((448, 300), [(448, 896), (448, 448)]),  # the vertical pass only
+        ((300, 448), [(896, 448), (448, 448)]),  # the horizontal pass only
+        ((1000, 3000), [(448, 1344), (448, 448)]),  # vertical first for both
+        ((3000, 1000), [(1344, 448), (448, 448)]),
+    ],
+)
+def test_banded_resize_with_skipped_passes(source: tuple[int, int], sizes: list[tuple[int, int]]) -> None:
+    img = noise(*source)
+    for got, size in zip(assemble_bands(img, sizes, 448), sizes, strict=True):
+        assert np.array_equal(got, np.asarray(img.resize(size, Image.Resampling.BICUBIC)))
 
 
 @pytest.mark.parametrize(("width", "height"), [(800, 600), (526, 2439), (1000, 20), (448, 448)])
@@ -200,3 +218,13 @@ def test_public_api_is_lazy() -> None:
     code = "import sys, internvl_launch; assert not {'torch', 'PIL', 'numpy'} & set(sys.modules); f = internvl_launch.preprocess_image; assert 'PIL' in sys.modules; print(f.__name__)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "preprocess_image"
+
+
+def test_plain_resizes_where_bands_would_not_match_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Pillow whose resize the bands do not reproduce gets one plain resize per target.
+    from internvl_launch.vision import tiling
+
+    monkeypatch.setattr(tiling, "_split_is_exact", lambda: False)
+    for width, height in [(800, 600), (20, 1000), (448, 448)]:
+        img = noise(width, height)
+        assert torch.equal(preprocess_image(img, cache=False), reference_load_image(img))

@@ -18,7 +18,7 @@ import io
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +34,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ImageInput = str | os.PathLike | bytes | Image.Image
+# Receives one band of a resized image: (h, w, 3) uint8 pixels placed at (y0, x0).
+Emit = Callable[[np.ndarray, int, int], None]
 
 
 def tile_grid(
@@ -97,9 +99,39 @@ def normalise_(pixels: torch.Tensor) -> torch.Tensor:
     """Scale float32 pixel values in 0..255 to the model's input, in place.
 
     The reference's arithmetic on every pixel - ToTensor's x / 255, then
-    Normalize's (x - mean) / std - done once over all tiles: the same float32
-    operations, so the same bits."""
+    Normalize's (x - mean) / std - with the same float32 operations, so the
+    same bits. `pixels` is (..., 3, h, w), any strides."""
     return pixels.div_(255).sub_(_stats("mean")).div_(_stats("std"))
+
+
+def to_model_input(dest: torch.Tensor, pixels: np.ndarray) -> None:
+    """Write (h, w, 3) uint8 pixels, any strides, into float32 `dest` (3, h, w)
+    as the model's input.
+
+    Called a tile (3 x 448 x 448 floats, 2.4 MB) at a time: the four passes
+    over it (convert, scale, subtract, divide) then stay in cache, about twice
+    as fast as each pass over a whole image of tiles."""
+    np.copyto(dest.numpy(), pixels.transpose(2, 0, 1), casting="unsafe")
+    normalise_(dest)
+
+
+def _tile_writer(dest: torch.Tensor, unit: int) -> Emit:
+    """A sink for bands of the resized grid image: each (h, w, 3) uint8 band
+    placed at (y0, x0) is converted into the (rows, cols, 3, unit, unit)
+    float32 `dest`, tile by tile (a band may hold parts of tiles)."""
+
+    def write(pixels: np.ndarray, y0: int, x0: int) -> None:
+        y1, x1 = y0 + pixels.shape[0], x0 + pixels.shape[1]
+        for row in range(y0 // unit, (y1 - 1) // unit + 1):
+            top, bottom = max(y0, row * unit), min(y1, (row + 1) * unit)
+            for col in range(x0 // unit, (x1 - 1) // unit + 1):
+                left, right = max(x0, col * unit), min(x1, (col + 1) * unit)
+                to_model_input(
+                    dest[row, col, :, top - row * unit : bottom - row * unit, left - col * unit : right - col * unit],
+                    pixels[top - y0 : bottom - y0, left - x0 : right - x0],
+                )
+
+    return write
 
 
 def _horizontal_first(src: tuple[int, int], dst: tuple[int, int]) -> bool:
@@ -120,73 +152,135 @@ def _in_two_bands(band: Callable[[int, int], None], cut: int, end: int) -> None:
         band(0, end)
         return
     job = _POOL.submit(band, cut, end)
-    band(0, cut)
-    job.result()
+    try:
+        band(0, cut)
+    finally:
+        job.result()
 
 
-def _split_resize(img: Image.Image, size: tuple[int, int], image_size: int = 448) -> np.ndarray:
-    """`img.resize(size, BICUBIC)` as an (H, W, 3) uint8 array, on two threads.
+def resize_in_bands(img: Image.Image, targets: Sequence[tuple[tuple[int, int], Emit]], unit: int = 448) -> None:
+    """`img.resize(size, BICUBIC)` for each (size, emit) target, on two threads,
+    handed to `emit(pixels, y0, x0)` in bands: (h, w, 3) uint8 arrays placed
+    at (y0, x0) of that result.
 
     Pillow's bicubic resize is two separable passes with an 8-bit image in
     between: horizontal (each output row from one input row) and vertical
     (each output column from one input column), in the order
-    `_horizontal_first` gives. Running each pass as its own resize, the
-    horizontal one on row bands and the vertical one on column bands, is
-    therefore the same arithmetic on the same pixels. `_SPLIT_EXACT` checks
-    that on this Pillow once; when it does not hold, one plain resize is used.
+    `_horizontal_first` gives, a pass skipped when its axis keeps its size.
+    Running each pass as its own resize, the horizontal one on row bands and
+    the vertical one on column bands, is therefore the same arithmetic on the
+    same pixels. Each pass runs as two bands on two threads; targets whose
+    passes come in the same order share the first pass's source bands (one
+    crop serves the grid and the thumbnail), and each thread hands its bands
+    of the last pass to `emit` itself: one hand-over between the passes, one
+    at the end. `_split_is_exact` checks this against Pillow once; where it
+    does not hold, plain resizes are emitted.
     """
     if not _split_is_exact():
-        return np.asarray(img.resize(size, Image.Resampling.BICUBIC))
-    return _two_pass(img, size, image_size)
+        for size, emit in targets:
+            emit(np.asarray(img.resize(size, Image.Resampling.BICUBIC)), 0, 0)
+        return
+    for horizontal in (True, False):
+        group = [t for t in targets if _horizontal_first(img.size, t[0]) == horizontal]
+        if group:
+            _resize_bands(img, group, horizontal, unit)
 
 
-def _two_pass(img: Image.Image, size: tuple[int, int], image_size: int) -> np.ndarray:
-    w, h = img.size
-    W, H = size
+def _resize_bands(
+    img: Image.Image, targets: Sequence[tuple[tuple[int, int], Emit]], horizontal: bool, unit: int
+) -> None:
+    """The two passes for targets that all run `horizontal` first (see resize_in_bands)."""
     bicubic = Image.Resampling.BICUBIC
+    # Axis 0 is x (columns), 1 is y (rows); the first pass resizes along `first`.
+    first, second = (0, 1) if horizontal else (1, 0)
 
-    def horizontal(src: Image.Image, width: int) -> np.ndarray:
-        if src.width == width:
-            return np.array(src)
-        out = np.empty((src.height, width, 3), np.uint8)
-        cut = src.height // 2
+    def band_box(src: Image.Image, axis: int, lo: int, hi: int) -> tuple[int, int, int, int]:
+        # the band lo..hi of src for a pass along `axis`: rows for x, columns for y
+        return (0, lo, src.width, hi) if axis == 0 else (lo, 0, hi, src.height)
 
-        def band(y0: int, y1: int) -> None:
-            out[y0:y1] = np.asarray(src.crop((0, y0, src.width, y1)).resize((width, y1 - y0), bicubic))
+    def band_at(axis: int, lo: int) -> tuple[int, int]:
+        return (lo, 0) if axis == 0 else (0, lo)  # (y0, x0) of that band in the result
 
-        _in_two_bands(band, cut, src.height)
-        return out
+    def band_size(size: tuple[int, int], axis: int, length: int) -> tuple[int, int]:
+        return (size[0], length) if axis == 0 else (length, size[1])
 
-    def vertical(src: Image.Image, height: int) -> np.ndarray:
-        if src.height == height:
-            return np.array(src)
-        out = np.empty((height, src.width, 3), np.uint8)
-        cut = _halves(src.width, image_size)
+    resize_first = [size[first] != img.size[first] for size, _ in targets]
+    # Targets whose other axis keeps its size are done after the first pass;
+    # the others get the first pass's result in `mids`.
+    done_first = [size[second] == img.size[second] for size, _ in targets]
+    mids = [
+        None if done else img if not resize else Image.new("RGB", band_size(size, first, img.size[second]), None)
+        for (size, _), resize, done in zip(targets, resize_first, done_first, strict=True)
+    ]
 
-        def band(x0: int, x1: int) -> None:
-            out[:, x0:x1] = np.asarray(src.crop((x0, 0, x1, src.height)).resize((x1 - x0, height), bicubic))
+    def first_band(lo: int, hi: int) -> None:
+        part = img.crop(band_box(img, first, lo, hi))
+        for (size, emit), resize, done, mid in zip(targets, resize_first, done_first, mids, strict=True):
+            result = part.resize(band_size(size, first, hi - lo), bicubic) if resize else part
+            if done:
+                emit(np.asarray(result), *band_at(first, lo))
+            elif resize:
+                mid.paste(result, band_at(first, lo)[::-1])
 
-        _in_two_bands(band, cut, src.width)
-        return out
+    if any(resize or done for resize, done in zip(resize_first, done_first, strict=True)):
+        _in_two_bands(first_band, img.size[second] // 2, img.size[second])
 
-    if _horizontal_first((w, h), (W, H)):
-        return vertical(Image.fromarray(horizontal(img, W)), H)
-    return horizontal(Image.fromarray(vertical(img, H)), W)
+    def second_band(low_half: bool) -> None:
+        for (size, emit), mid in zip(targets, mids, strict=True):
+            if mid is None:
+                continue
+            end = mid.size[first]
+            cut = _halves(end, unit)
+            lo, hi = (0, cut) if low_half else (cut, end)
+            if lo < hi:
+                part = mid.crop(band_box(mid, second, lo, hi)).resize(band_size(size, second, hi - lo), bicubic)
+                emit(np.asarray(part), *band_at(second, lo))
+
+    if not all(done_first):
+        job = _POOL.submit(second_band, False)
+        try:
+            second_band(True)
+        finally:
+            job.result()
 
 
 @lru_cache(maxsize=1)
 def _split_is_exact() -> bool:
+    """Whether `resize_in_bands` reproduces this Pillow's resize: both pass
+    orders, upscales and downscales, one pass or none, two targets at once."""
     rng = np.random.default_rng(0)
-    for w, h, W, H in ((53, 37, 96, 64), (40, 300, 32, 64), (300, 41, 64, 64), (97, 89, 50, 45)):
-        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        if not np.array_equal(_two_pass(img, (W, H), 16), np.asarray(img.resize((W, H), Image.Resampling.BICUBIC))):
-            return False
+    cases = [
+        ((53, 37), [(96, 64), (16, 16)]),
+        ((40, 300), [(32, 64), (16, 16)]),
+        ((300, 41), [(64, 64), (16, 16)]),
+        ((97, 89), [(50, 45)]),
+        ((48, 40), [(48, 80), (80, 40), (48, 40)]),
+        ((30, 64), [(64, 64), (30, 16)]),
+    ]
+    for size, sizes in cases:
+        img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        for got, want in zip(assemble_bands(img, sizes, 16), sizes, strict=True):
+            if not np.array_equal(got, np.asarray(img.resize(want, Image.Resampling.BICUBIC))):
+                return False
     return True
 
 
-def _convert_tiles(out: torch.Tensor, tiles: torch.Tensor) -> None:
-    out.copy_(tiles)
-    normalise_(out)
+def assemble_bands(img: Image.Image, sizes: Sequence[tuple[int, int]], unit: int) -> list[np.ndarray]:
+    """The bands `resize_in_bands` emits for each size, each put together as one (H, W, 3) image."""
+    outs = [np.zeros((h, w, 3), np.uint8) for w, h in sizes]
+
+    def sink(out: np.ndarray) -> Emit:
+        def emit(pixels: np.ndarray, y0: int, x0: int) -> None:
+            out[y0 : y0 + pixels.shape[0], x0 : x0 + pixels.shape[1]] = pixels
+
+        return emit
+
+    targets = [(size, sink(out)) for size, out in zip(sizes, outs, strict=True)]
+    for horizontal in (True, False):
+        group = [t for t in targets if _horizontal_first(img.size, t[0]) == horizontal]
+        if group:
+            _resize_bands(img, group, horizontal, unit)
+    return outs
 
 
 def open_image(image: ImageInput) -> Image.Image:
@@ -318,8 +412,9 @@ def preprocess_image(
     bit for bit in float32, what the model cards' `load_image` produces
     (`dynamic_preprocess` with `use_thumbnail=True`, bicubic resizes,
     ImageNet normalisation). `dtype` defaults to float32; other dtypes are the
-    float32 values cast once. `parallel` spreads one image over two threads;
-    callers that already run one image per worker turn it off.
+    float32 values cast once. `parallel` spreads an image of two or more tiles
+    over two threads (one tile is too little work to gain from it); callers
+    that already run one image per worker turn it off.
     """
     import torch
 
@@ -341,33 +436,21 @@ def preprocess_image(
     blocks = cols * rows
     with_thumb = thumbnail and blocks != 1
 
-    count = blocks + int(with_thumb)
-    out32 = torch.empty((count, 3, image_size, image_size), dtype=torch.float32)
+    out32 = torch.empty((blocks + int(with_thumb), 3, image_size, image_size), dtype=torch.float32)
     grid_size = (cols * image_size, rows * image_size)
-    if parallel:
-        # Both cores: the thumbnail on a pool thread; the grid resize split in
-        # two halves per pass (exactly Pillow's own result, see _split_resize);
-        # then the tiles converted and normalised half on each thread.
-        thumb_job = _POOL.submit(img.resize, (image_size, image_size), Image.Resampling.BICUBIC) if with_thumb else None
-        grid = _split_resize(img, grid_size)
-        thumb = thumb_job.result() if thumb_job is not None else None
+    write = _tile_writer(out32[:blocks].view(rows, cols, 3, image_size, image_size), image_size)
+    write_thumbnail = _tile_writer(out32[blocks:, None], image_size)  # (1, 1, 3, S, S) when there is one
+    thumb_size = (image_size, image_size)
+    if parallel and blocks > 1:
+        # Both cores: two bands per pass (exactly Pillow's own result, see
+        # resize_in_bands), each band's tiles converted on the thread that
+        # resized it.
+        targets = [(grid_size, write)] + ([(thumb_size, write_thumbnail)] if with_thumb else [])
+        resize_in_bands(img, targets, image_size)
     else:
-        grid = np.array(img.resize(grid_size, Image.Resampling.BICUBIC))
-        thumb = img.resize((image_size, image_size), Image.Resampling.BICUBIC) if with_thumb else None
-    if thumb is not None:
-        _convert_tiles(out32[blocks:], torch.from_numpy(np.array(thumb)).permute(2, 0, 1)[None])
-    # (rows, S, cols, S, 3) -> (rows, cols, 3, S, S): each tile a view, row-major like the reference.
-    tiles = torch.from_numpy(grid).view(rows, image_size, cols, image_size, 3).permute(0, 2, 4, 1, 3)
-    dest = out32[:blocks].view(rows, cols, 3, image_size, image_size)
-    axis, n = (0, rows) if rows > 1 else (1, cols)
-    half = (n + 1) // 2
-    second = None
-    if parallel and n > 1:
-        second = _POOL.submit(_convert_tiles, dest.narrow(axis, half, n - half), tiles.narrow(axis, half, n - half))
-        n = half
-    _convert_tiles(dest.narrow(axis, 0, n), tiles.narrow(axis, 0, n))
-    if second is not None:
-        second.result()
+        write(np.asarray(img if img.size == grid_size else img.resize(grid_size, Image.Resampling.BICUBIC)), 0, 0)
+        if with_thumb:
+            write_thumbnail(np.asarray(img.resize(thumb_size, Image.Resampling.BICUBIC)), 0, 0)
     out = out32 if dtype == torch.float32 else out32.to(dtype)
     if key is not None:
         CACHE.put(key, out)

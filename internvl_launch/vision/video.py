@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from internvl_launch.errors import MediaError
-from internvl_launch.vision.tiling import CACHE, normalise_
+from internvl_launch.vision.tiling import CACHE, to_model_input
 
 if TYPE_CHECKING:
     import torch
@@ -166,8 +166,7 @@ def load_video(
         img = frames[index]
         if img.size != (image_size, image_size):
             img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
-        out32[slot].copy_(torch.from_numpy(np.array(img)).permute(2, 0, 1))
-    normalise_(out32)
+        to_model_input(out32[slot], np.asarray(img))
     pixel_values = out32 if dtype == torch.float32 else out32.to(dtype)
     result = VideoFrames(pixel_values, tuple(wanted), fps, total)
     if key is not None:
