@@ -1,7 +1,7 @@
 """Preprocessing benchmark: our tiling against the step-by-step reference of the
 model card's `load_image` (tests/reference_preprocessing.py), in the same run.
 
-    make bench-preprocess      # or: python benchmarks/bench_preprocess.py --runs 7
+    make bench-preprocess      # or: python benchmarks/bench_preprocess.py --runs 31
 
 For each image (encoded bytes, decode included in both): median seconds of the
 reference, of ours without the cache, and of ours on a cache hit; the speed-up
@@ -68,7 +68,7 @@ def medians(fs: list, runs: int) -> list[float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--runs", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, {args.runs} runs per cell, median seconds; decode included")

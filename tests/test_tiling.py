@@ -228,3 +228,15 @@ def test_plain_resizes_where_bands_would_not_match_pillow(monkeypatch: pytest.Mo
     for width, height in [(800, 600), (20, 1000), (448, 448)]:
         img = noise(width, height)
         assert torch.equal(preprocess_image(img, cache=False), reference_load_image(img))
+
+
+def test_concurrent_callers_share_the_pool_and_get_their_own_tiles() -> None:
+    # The server tiles several requests' images at once; every band job of
+    # every caller goes through the same two pool threads.
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [noise(w, h, seed=i) for i, (w, h) in enumerate([(800, 600), (1000, 20), (333, 777), (1280, 720)] * 2)]
+    with ThreadPoolExecutor(max_workers=4) as callers:
+        results = list(callers.map(lambda img: preprocess_image(img, cache=False), images))
+    for img, got in zip(images, results, strict=True):
+        assert torch.equal(got, reference_load_image(img))
