@@ -3,12 +3,13 @@
 The work per image is: decode, convert to RGB, one bicubic resize to the tile
 grid, one bicubic resize to the thumbnail, then scale to [0, 1] and normalise
 with the ImageNet mean and std. Here each step is done once: the tiles are
-views into the one resized image, copied into one float32 buffer, and the
-reference's per-pixel arithmetic (x / 255, minus mean, over std - the same
-float32 operations, so the same bits) runs once, in place, over all tiles
-instead of tile by tile. The two resizes run on two threads (Pillow releases
-the GIL while resampling). A content-addressed cache makes a repeated image
-cost a hash.
+read as views of the one resized image (no crops), and the reference's
+per-pixel arithmetic (x / 255, minus mean, over std - the same float32
+operations, so the same bits) is applied tile by tile straight into the
+output, while each tile is in cache. Both resizes run on two threads at once,
+each of Pillow's two passes split in bands (Pillow releases the GIL while
+resampling; see `resize_in_bands`). A content-addressed cache makes a
+repeated image cost a hash.
 """
 
 from __future__ import annotations
@@ -441,12 +442,16 @@ def preprocess_image(
     blocks = cols * rows
     with_thumb = thumbnail and blocks != 1
 
-    out32 = torch.empty((blocks + int(with_thumb), 3, image_size, image_size), dtype=torch.float32)
+    shape = (blocks + int(with_thumb), 3, image_size, image_size)
+    spread = parallel and blocks > 1
+    # Allocated where the bands are written, for the reason _on_both gives:
+    # memory a pool thread freed (an earlier result) comes back without faults.
+    out32 = _POOL.submit(torch.empty, shape, dtype=torch.float32).result() if spread else torch.empty(shape)
     grid_size = (cols * image_size, rows * image_size)
     write = _tile_writer(out32[:blocks].view(rows, cols, 3, image_size, image_size), image_size)
     write_thumbnail = _tile_writer(out32[blocks:, None], image_size)  # (1, 1, 3, S, S) when there is one
     thumb_size = (image_size, image_size)
-    if parallel and blocks > 1:
+    if spread:
         # Both cores: two bands per pass (exactly Pillow's own result, see
         # resize_in_bands), each band's tiles converted on the thread that
         # resized it.
