@@ -208,16 +208,26 @@ def _describe_original(root: Path, config: dict[str, Any], prov: dict[str, str])
     else:
         template = "phi3-chat" if arch == "phi3" else "internlm2-chat"
         prov["template"] = f"not in config.json: the {arch} default"
-    max_tiles = config.get("max_dynamic_patch")
-    if isinstance(max_tiles, int) and max_tiles > 0:
-        prov["max_tiles"] = "config.json max_dynamic_patch"
-    else:
-        max_tiles = 6
-        prov["max_tiles"] = "not in config.json: InternVLChatConfig's default, 6"
+    max_tiles = _tile_limit(
+        config.get("max_dynamic_patch"),
+        prov,
+        found="config.json max_dynamic_patch",
+        default=6,
+        missing="not in config.json: InternVLChatConfig's default, 6",
+    )
     system = config.get("system_message") if isinstance(config.get("system_message"), str) else None
     prov["system_message"] = "config.json system_message" if system is not None else f"the {template} default"
     fmt = _format(config.get("quantization_config") or llm.get("quantization_config"), prov)
     return _finish(root, "original", arch, llm, llm_arch, vit, template, system, max_tiles, fmt, prov)
+
+
+def _tile_limit(value: Any, prov: dict[str, str], *, found: str, default: int, missing: str) -> int:
+    """The tile limit a checkpoint declares (a positive int), else the layout's default; where it came from goes in prov."""
+    if isinstance(value, int) and value > 0:
+        prov["max_tiles"] = found
+        return value
+    prov["max_tiles"] = missing
+    return default
 
 
 def _format(quant: Any, prov: dict[str, str]) -> str:
@@ -259,12 +269,13 @@ def _describe_native(root: Path, config: dict[str, Any], prov: dict[str, str]) -
             prov["template"] = f"no chat template: the {arch} default"
     pre_path = root / "preprocessor_config.json"
     pre = _read_json(pre_path, "preprocessor_config.json") if pre_path.is_file() else {}
-    max_tiles = pre.get("max_patches")
-    if isinstance(max_tiles, int) and max_tiles > 0:
-        prov["max_tiles"] = "preprocessor_config.json max_patches"
-    else:
-        max_tiles = 12
-        prov["max_tiles"] = "no preprocessor_config.json: 12"
+    max_tiles = _tile_limit(
+        pre.get("max_patches"),
+        prov,
+        found="preprocessor_config.json max_patches",
+        default=12,
+        missing="no preprocessor_config.json: 12",
+    )
     system = converted.get("system_message") if isinstance(converted.get("system_message"), str) else None
     prov["system_message"] = f"{CONVERSION_MARKER} system_message" if system else f"the {template} default"
     fmt = _format(config.get("quantization_config"), prov)

@@ -190,6 +190,11 @@ def resize_in_bands(img: Image.Image, targets: Sequence[tuple[tuple[int, int], E
         for size, emit in targets:
             emit(np.asarray(img.resize(size, Image.Resampling.BICUBIC)), 0, 0)
         return
+    _resize_all(img, targets, unit)
+
+
+def _resize_all(img: Image.Image, targets: Sequence[tuple[tuple[int, int], Emit]], unit: int) -> None:
+    """The targets in two groups by Pillow's pass order, each group's passes shared."""
     for horizontal in (True, False):
         group = [t for t in targets if _horizontal_first(img.size, t[0]) == horizontal]
         if group:
@@ -281,11 +286,7 @@ def assemble_bands(img: Image.Image, sizes: Sequence[tuple[int, int]], unit: int
 
         return emit
 
-    targets = [(size, sink(out)) for size, out in zip(sizes, outs, strict=True)]
-    for horizontal in (True, False):
-        group = [t for t in targets if _horizontal_first(img.size, t[0]) == horizontal]
-        if group:
-            _resize_bands(img, group, horizontal, unit)
+    _resize_all(img, [(size, sink(out)) for size, out in zip(sizes, outs, strict=True)], unit)
     return outs
 
 
