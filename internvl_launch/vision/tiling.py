@@ -337,12 +337,8 @@ def open_image(image: ImageInput) -> Image.Image:
     decompression bomb. Anything unreadable is a `MediaError` whose text names
     no library internals."""
     if isinstance(image, Image.Image):
-        img = image
-    else:
-        img, name = _open_encoded(image)
-        with _decode_errors(name):
-            img.load()
-    return img.convert("RGB") if img.mode != "RGB" else img
+        return _decoded(image, None)
+    return _decoded(*_open_encoded(image))
 
 
 def _open_encoded(image: str | os.PathLike | bytes) -> tuple[Image.Image, str]:
@@ -372,17 +368,15 @@ def _open_for_tiling(image: ImageInput) -> tuple[Image.Image, str | None]:
     img, name = _open_encoded(image)
     if RowDecoder.accepts(img):
         return img, name
-    with _decode_errors(name):
-        img.load()
-    return (img.convert("RGB") if img.mode != "RGB" else img), None
+    return _decoded(img, name), None
 
 
 def _decoded(img: Image.Image, undecoded: str | None) -> Image.Image:
-    """`img` from _open_for_tiling, decoded (an accepted image is already RGB)."""
+    """`img` decoded (where `undecoded` names it, it is opened only) and in RGB."""
     if undecoded is not None:
         with _decode_errors(undecoded):
             img.load()
-    return img
+    return img.convert("RGB") if img.mode != "RGB" else img
 
 
 @contextmanager
@@ -398,7 +392,8 @@ def _decode_errors(name: str) -> Iterator[None]:
 def _resize_while_decoding(
     img: Image.Image, data: bytes, name: str, targets: Sequence[tuple[tuple[int, int], Emit]], unit: int
 ) -> bool:
-    """Decode `img` (opened from `data`, not loaded) and resize it to the targets, the
+    """Decode `img` (opened from `data`, not loaded, one that rows.RowDecoder
+    accepts: see _open_for_tiling) and resize it to the targets, the
     first pass of the targets that run horizontally first (row bands) starting
     on one thread while the other is still decoding (see rows.RowDecoder).
     Returns False, having done nothing, where the image cannot be decoded row
@@ -409,7 +404,6 @@ def _resize_while_decoding(
     if (
         img.size[0] * img.size[1] < _STREAM_MIN_PIXELS
         or not horizontal
-        or not RowDecoder.accepts(img)
         or not _split_is_exact()
         or not streaming_is_exact()
     ):
