@@ -2,7 +2,8 @@
 model card's `load_image` (tests/reference_preprocessing.py), in the same run.
 
     make bench-preprocess      # or: python benchmarks/bench_preprocess.py --runs 31
-    python benchmarks/bench_preprocess.py --ab-decode   # resizing while decoding, off against on
+    python benchmarks/bench_preprocess.py --ab decode    # resizing while decoding, off against on
+    python benchmarks/bench_preprocess.py --ab inflate   # PNG data inflated by ISA-L, off against on
 
 For each image (encoded bytes, decode included in both): median seconds of the
 reference, of ours without the cache, and of ours on a cache hit; the speed-up
@@ -23,7 +24,9 @@ import io
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +36,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from reference_preprocessing import reference_load_image
 
-from internvl_launch.vision import tiling
+from internvl_launch.vision import png, tiling
 from internvl_launch.vision.tiling import CACHE, preprocess_image
 
 SIZES = [(448, 448), (800, 600), (1920, 1080), (4000, 3000), (1000, 20), (20, 1000)]
@@ -72,14 +75,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument(
-        "--ab-decode",
-        action="store_true",
-        help="only compare ours with and without resizing while decoding, interleaved",
+        "--ab",
+        choices=sorted(AB),
+        help="only compare ours without one of its parts against ours as it is, interleaved: "
+        "decode (resizing while decoding), inflate (PNG data inflated by ISA-L)",
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.ab_decode:
-        return ab_decode(args.runs)
+    if args.ab:
+        return ab(args.ab, args.runs)
     print(f"torch {torch.__version__}, {args.runs} runs per cell, median seconds; decode included")
     print(
         f"{'image':<16}{'tiles':>6}{'reference':>11}{'ours':>9}{'speed-up':>10}"
@@ -135,27 +139,50 @@ def main() -> int:
     return 0
 
 
-def ab_decode(runs: int) -> int:
-    """Ours with the first resize pass waiting for the whole decode, against
-    ours starting it on the rows already decoded (tiling._resize_while_decoding),
-    in turn run by run."""
+@contextmanager
+def decoding_first() -> Iterator[None]:
+    """The first resize pass waits for the whole decode (no tiling._resize_while_decoding)."""
     threshold = tiling._STREAM_MIN_PIXELS
+    tiling._STREAM_MIN_PIXELS = sys.maxsize
+    try:
+        yield
+    finally:
+        tiling._STREAM_MIN_PIXELS = threshold
+
+
+@contextmanager
+def zlib_inflating() -> Iterator[None]:
+    """PNG data inflated by Pillow's zlib (no vision/png.py)."""
+    isal_zlib = png.isal_zlib
+    png.isal_zlib = None
+    try:
+        yield
+    finally:
+        png.isal_zlib = isal_zlib
+
+
+AB = {
+    "decode": (decoding_first, "decode first", "row by row", ("JPEG", "PNG")),
+    "inflate": (zlib_inflating, "zlib", "ISA-L", ("PNG",)),
+}
+
+
+def ab(which: str, runs: int) -> int:
+    """Ours with one of its parts left out against ours as it is, in turn run by run."""
+    without, off_label, on_label, formats = AB[which]
 
     def plain(data: bytes) -> torch.Tensor:
-        tiling._STREAM_MIN_PIXELS = sys.maxsize
-        try:
+        with without():
             return preprocess_image(data, cache=False)
-        finally:
-            tiling._STREAM_MIN_PIXELS = threshold
 
-    print(f"{runs} runs per cell, median seconds; row by row from {threshold:,} pixels")
-    print(f"{'image':<16}{'decode first':>14}{'row by row':>12}{'gain':>8}")
-    for fmt in ("JPEG", "PNG"):
+    print(f"{runs} runs per cell, median seconds; row by row from {tiling._STREAM_MIN_PIXELS:,} pixels")
+    print(f"{'image':<16}{off_label:>14}{on_label:>12}{'gain':>8}")
+    for fmt in formats:
         for width, height in SIZES:
             data = make_image(width, height, fmt)
             assert torch.equal(plain(data), preprocess_image(data, cache=False))
-            t_plain, t_rows = medians([lambda d=data: plain(d), lambda d=data: preprocess_image(d, cache=False)], runs)
-            print(f"{fmt + f' {width}x{height}':<16}{t_plain:>14.4f}{t_rows:>12.4f}{t_plain / t_rows:>7.2f}x")
+            t_off, t_on = medians([lambda d=data: plain(d), lambda d=data: preprocess_image(d, cache=False)], runs)
+            print(f"{fmt + f' {width}x{height}':<16}{t_off:>14.4f}{t_on:>12.4f}{t_off / t_on:>7.2f}x")
     return 0
 
 

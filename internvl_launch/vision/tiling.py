@@ -345,6 +345,7 @@ def _open_encoded(image: str | os.PathLike | bytes) -> tuple[Image.Image, str]:
     """The image opened but not decoded, after open_image's checks, and its name for errors."""
     from internvl_launch.errors import MediaError
     from internvl_launch.vision.media import image_size
+    from internvl_launch.vision.png import inflate_with_isal
 
     data = bytes(image) if isinstance(image, (bytes, bytearray, memoryview)) else None
     name = "The image" if data is not None else f"Image {image}"
@@ -355,7 +356,9 @@ def _open_encoded(image: str | os.PathLike | bytes) -> tuple[Image.Image, str]:
         raise MediaError(f"{name} could not be read.") from None
     image_size(data, name)
     with _decode_errors(name):
-        return Image.open(io.BytesIO(data)), name
+        img = Image.open(io.BytesIO(data))
+    inflate_with_isal(img)  # a PNG's data inflated twice as fast, where isal is installed
+    return img, name
 
 
 def _open_for_tiling(image: ImageInput) -> tuple[Image.Image, str | None]:
