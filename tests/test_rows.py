@@ -166,3 +166,90 @@ def test_scratch_buffers_are_reused_and_bounded() -> None:
     for size in (100, 200, 300):
         scratch.give(np.empty(size, np.uint8))
     assert sorted(b.size for b in scratch._free) == [200, 300]  # the largest two
+
+
+# An image of exactly one tile needs no resize: it is decoded straight into
+# the model input, rows converted on the other thread as they come.
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("parallel", [True, False])
+def test_one_tile_image_decoded_into_the_model_input(monkeypatch: pytest.MonkeyPatch, fmt: str, parallel: bool) -> None:
+    spy = Spy(monkeypatch)
+    data = encode(noise(448, 448), fmt, "RGB")
+    got = preprocess_image(data, cache=False, parallel=parallel)
+    assert got.shape == (1, 3, 448, 448)
+    assert torch.equal(got, reference_load_image(io.BytesIO(data)))
+    assert len(spy.reports) == 1 and len(spy.reports[0]) >= 3  # several steps, not one
+    # other sizes of one tile are resized from a plain decode
+    small = encode(noise(300, 300), fmt, "RGB")
+    assert torch.equal(preprocess_image(small, cache=False, parallel=parallel), reference_load_image(io.BytesIO(small)))
+    assert len(spy.reports) == 1
+
+
+def test_one_tile_image_where_pillow_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = encode(noise(448, 448), "JPEG", "RGB")
+    want = reference_load_image(io.BytesIO(data))
+
+    def mismatch(decoder: rows.RowDecoder, on_rows) -> None:  # type: ignore[no-untyped-def]
+        decoder.buffer[:200, :, :3] = 7
+        on_rows(200)
+        raise rows.DecodeMismatch("test")
+
+    monkeypatch.setattr(rows.RowDecoder, "decode", mismatch)
+    assert torch.equal(preprocess_image(data, cache=False), want)
+    monkeypatch.undo()
+    monkeypatch.setattr(rows, "streaming_is_exact", lambda: False)
+    assert torch.equal(preprocess_image(data, cache=False), want)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_one_tile_image_is_refused_and_not_cached(fmt: str) -> None:
+    data = encode(noise(448, 448), fmt, "RGB")
+    CACHE.clear()
+    with pytest.raises(MediaError, match="truncated or corrupt"):
+        preprocess_image(data[: len(data) // 2])
+    assert CACHE._bytes == 0
+    good = encode(noise(448, 448, seed=5), fmt, "RGB")
+    assert torch.equal(preprocess_image(good, cache=False), reference_load_image(io.BytesIO(good)))
+
+
+def test_one_tile_image_while_the_pool_is_busy() -> None:
+    # Both pool threads are taken by other work: the converting left for the
+    # pool is done by the caller, which does not wait for the pool.
+    import threading
+
+    from internvl_launch.vision import tiling
+
+    data = encode(noise(448, 448), "PNG", "RGB")
+    release = threading.Event()
+    blockers = [tiling._POOL.submit(release.wait, 30) for _ in range(2)]
+    results: list[torch.Tensor] = []
+    caller = threading.Thread(target=lambda: results.append(preprocess_image(data, cache=False)))
+    try:
+        caller.start()
+        caller.join(20)
+        assert not caller.is_alive() and len(results) == 1
+    finally:
+        release.set()
+        for blocker in blockers:
+            blocker.result()
+    assert torch.equal(results[0], reference_load_image(io.BytesIO(data)))
+
+
+def test_one_tile_converting_error_propagates(monkeypatch: pytest.MonkeyPatch) -> None:
+    from internvl_launch.vision import tiling
+
+    data = encode(noise(448, 448), "JPEG", "RGB")
+    convert = tiling.to_model_input
+    calls = []
+
+    def failing(dest: torch.Tensor, pixels: np.ndarray) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("converting failed")
+        convert(dest, pixels)
+
+    monkeypatch.setattr(tiling, "to_model_input", failing)
+    with pytest.raises(RuntimeError, match="converting failed"):
+        preprocess_image(data, cache=False)
+    monkeypatch.undo()
+    assert torch.equal(preprocess_image(data, cache=False), reference_load_image(io.BytesIO(data)))

@@ -1,5 +1,5 @@
-"""Decoding a JPEG or PNG row by row, so that resizing can start before the
-image is fully decoded.
+"""Decoding a JPEG or PNG row by row, so that resizing (or, for an image of
+exactly one tile, converting) can start before the image is fully decoded.
 
 Pillow's decoders for baseline or progressive JPEG and non-interlaced PNG
 write each row once, top to bottom, and a decoded RGB pixel takes four bytes

@@ -10,7 +10,9 @@ output, while each tile is in cache. Both resizes run on two threads at once,
 each of Pillow's two passes split in bands (Pillow releases the GIL while
 resampling; see `resize_in_bands`); for a large JPEG or PNG the first pass
 starts on the rows already decoded while the rest is still being decoded
-(`_resize_while_decoding`). A content-addressed cache makes a repeated image
+(`_resize_while_decoding`), and an image of exactly one tile is decoded
+straight into the model input, its rows converted as they come
+(`_convert_while_decoding`). A content-addressed cache makes a repeated image
 cost a hash.
 """
 
@@ -22,6 +24,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
@@ -33,6 +36,8 @@ from PIL import Image
 
 if TYPE_CHECKING:
     import torch
+
+    from internvl_launch.vision.rows import RowDecoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -392,6 +397,52 @@ def _decode_errors(name: str) -> Iterator[None]:
         raise MediaError(f"{name} is truncated or corrupt.", hint="Send a complete image file.") from None
 
 
+class _RowFeed:
+    """Chunks of rows of an image a rows.RowDecoder is decoding, handed out in
+    order as the decoder finishes them, to any thread that asks."""
+
+    def __init__(self, decoder: RowDecoder, height: int, step: int) -> None:
+        self.decoder = decoder
+        self.chunks = [(lo, min(lo + step, height)) for lo in range(0, height, step)]
+        self._ready = threading.Condition()
+        self._final = self._next = 0
+        self._failed = False
+
+    def decode(self) -> BaseException | None:
+        """Decode on this thread; returns the decoder's failure instead of raising it."""
+        try:
+            self.decoder.decode(self._on_rows)
+        except BaseException as failure:  # the other thread must hear of any
+            with self._ready:
+                self._failed = True
+                self._ready.notify_all()
+            return failure
+        return None
+
+    def each(self, work: Callable[[int, int], None], wait: bool) -> None:
+        """work(lo, hi) on chunks as they are final, until none is left (or,
+        without `wait`, none is final yet) or the decode failed."""
+        while (chunk := self._take(wait)) is not None:
+            work(*chunk)
+
+    def _take(self, wait: bool) -> tuple[int, int] | None:
+        with self._ready:
+            while self._next < len(self.chunks) and not self._failed:
+                lo, hi = self.chunks[self._next]
+                if self._final >= hi:
+                    self._next += 1
+                    return lo, hi
+                if not wait:
+                    return None
+                self._ready.wait()
+            return None
+
+    def _on_rows(self, final: int) -> None:
+        with self._ready:
+            self._final = final
+            self._ready.notify_all()
+
+
 def _resize_while_decoding(
     img: Image.Image, data: bytes, name: str, targets: Sequence[tuple[tuple[int, int], Emit]], unit: int
 ) -> bool:
@@ -401,7 +452,7 @@ def _resize_while_decoding(
     on one thread while the other is still decoding (see rows.RowDecoder).
     Returns False, having done nothing, where the image cannot be decoded row
     by row; the caller then decodes it the plain way."""
-    from internvl_launch.vision.rows import DecodeMismatch, RowDecoder, streaming_is_exact
+    from internvl_launch.vision.rows import RowDecoder, streaming_is_exact
 
     horizontal = [t for t in targets if _horizontal_first(img.size, t[0])]
     if (
@@ -414,47 +465,21 @@ def _resize_while_decoding(
     decoder = _POOL.submit(RowDecoder, img).result()  # a fresh buffer is faulted in on a pool thread
     passes = _Passes(img.size, horizontal, True, unit)
     height = img.size[1]
-    step = max(_MIN_CHUNK_ROWS, -(-height // _CHUNKS))
-    chunks = [(lo, min(lo + step, height)) for lo in range(0, height, step)]
-    ready = threading.Condition()
-    state = {"final": 0, "next": 0, "failed": False}
+    feed = _RowFeed(decoder, height, max(_MIN_CHUNK_ROWS, -(-height // _CHUNKS)))
 
-    def take(wait: bool) -> tuple[int, int] | None:
-        # the next chunk of rows to resize: once its rows are final, or None
-        with ready:
-            while state["next"] < len(chunks) and not state["failed"]:
-                lo, hi = chunks[state["next"]]
-                if state["final"] >= hi:
-                    state["next"] += 1
-                    return lo, hi
-                if not wait:
-                    return None
-                ready.wait()
-            return None
+    def resize(lo: int, hi: int) -> None:
+        passes.first_band(decoder.rows(lo, hi), lo)
 
-    def resize_chunks(wait: bool) -> None:
-        while (chunk := take(wait)) is not None:
-            passes.first_band(decoder.rows(*chunk), chunk[0])
-
-    def on_rows(final: int) -> None:
-        with ready:
-            state["final"] = final
-            ready.notify_all()
-
-    def decode_then_help() -> None:
-        try:
-            decoder.decode(on_rows)
-        except BaseException:
-            with ready:
-                state["failed"] = True
-                ready.notify_all()
-            raise
-        resize_chunks(wait=False)
+    def decode_then_help() -> BaseException | None:
+        failure = feed.decode()
+        feed.each(resize, wait=False)
+        return failure
 
     # One thread decodes, then joins in; the other resizes chunks as they are final.
-    jobs = [_POOL.submit(decode_then_help), _POOL.submit(resize_chunks, True)]
-    decode_failure = jobs[0].exception()
+    jobs = [_POOL.submit(decode_then_help), _POOL.submit(feed.each, resize, True)]
+    futures.wait(jobs)  # both ended before any error is raised: the buffer is in use until then
     try:
+        decode_failure = jobs[0].result()
         jobs[1].result()  # an error of the resizing itself propagates as it is
         if decode_failure is None:
             passes.second()
@@ -462,14 +487,56 @@ def _resize_while_decoding(
             _resize_all(decoder.image(), [t for t in targets if t not in horizontal], unit)
     finally:
         decoder.release()  # after every use of the views of its buffer
-    if isinstance(decode_failure, DecodeMismatch):
-        # Pillow's internals are not what RowDecoder expects: decode again the
-        # plain way; every tile is written anew.
-        resize_in_bands(open_image(data), targets, unit)
-    elif decode_failure is not None:
-        with _decode_errors(name):
-            raise decode_failure
+    _after_decode(decode_failure, name, lambda: resize_in_bands(open_image(data), targets, unit))
     return True
+
+
+def _convert_while_decoding(img: Image.Image, data: bytes, name: str, dest: torch.Tensor, parallel: bool) -> bool:
+    """Decode `img` (opened from `data`, not loaded, accepted by
+    rows.RowDecoder), exactly one tile in size, straight into the model input
+    `dest` (3, size, size): no copy of the decoded image, and with `parallel`
+    the rows are converted on a pool thread while this one decodes. Returns
+    False, having done nothing, where the image cannot be decoded row by row."""
+    from internvl_launch.vision.rows import RowDecoder, streaming_is_exact
+
+    if not streaming_is_exact():
+        return False
+    # The decoder reports rows between reads: a file of a few tens of KB
+    # (a JPEG) would otherwise arrive in one or two of Pillow's 64 KB reads.
+    img.decodermaxblock = min(64 * 1024, max(8 * 1024, len(data) // _ONE_TILE_READS))
+    decoder = RowDecoder(img)
+    feed = _RowFeed(decoder, img.size[1], -(-img.size[1] // _ONE_TILE_CHUNKS))
+
+    def convert(lo: int, hi: int) -> None:
+        to_model_input(dest[:, lo:hi], decoder.buffer[lo:hi, :, :3])
+
+    helper = _POOL.submit(feed.each, convert, True) if parallel else None
+    try:
+        decode_failure = feed.decode()
+        feed.each(convert, wait=False)
+    finally:
+        # Not started (the pool is busy): nothing is left for it. Started: it
+        # ends once no chunk is left, and must before the buffer goes back.
+        if helper is not None and not helper.cancel():
+            futures.wait([helper])
+        decoder.release()
+    if helper is not None and not helper.cancelled():
+        helper.result()  # an error of its converting propagates as it is
+    _after_decode(decode_failure, name, lambda: to_model_input(dest, np.asarray(open_image(data))))
+    return True
+
+
+def _after_decode(failure: BaseException | None, name: str, plain: Callable[[], None]) -> None:
+    """After decoding row by row: where Pillow did not decode as rows.RowDecoder
+    expects, `plain()` does all the work again from a plain decode; a decode
+    error is the image's MediaError."""
+    from internvl_launch.vision.rows import DecodeMismatch
+
+    if isinstance(failure, DecodeMismatch):
+        plain()
+    elif failure is not None:
+        with _decode_errors(name):
+            raise failure
 
 
 # The first pass while decoding works on chunks of rows: about an eighth of
@@ -480,6 +547,11 @@ _MIN_CHUNK_ROWS = 32
 # hand-overs of resizing chunk by chunk cost: measured, 800x600 gained nothing
 # or lost up to 9%, while 1920x1080 and 4000x3000 gained 13-28%.
 _STREAM_MIN_PIXELS = 1_000_000
+# A one-tile image is converted in quarters, its file read in about six
+# steps (measured at 448x448: JPEG fastest with 16 KB reads of 73 KB, PNG
+# with 64 KB reads of 455 KB; more, smaller reads cost more than they gain).
+_ONE_TILE_CHUNKS = 4
+_ONE_TILE_READS = 6
 
 
 class _TileCache:
@@ -583,9 +655,10 @@ def preprocess_image(
     bit for bit in float32, what the model cards' `load_image` produces
     (`dynamic_preprocess` with `use_thumbnail=True`, bicubic resizes,
     ImageNet normalisation). `dtype` defaults to float32; other dtypes are the
-    float32 values cast once. `parallel` spreads an image of two or more tiles
-    over two threads (one tile is too little work to gain from it); callers
-    that already run one image per worker turn it off.
+    float32 values cast once. `parallel` spreads the work over two threads
+    (an image of two or more tiles, or one of exactly one tile, converted
+    while it decodes; one tile that needs a resize is too little work to
+    gain from it); callers that already run one image per worker turn it off.
     """
     import torch
 
@@ -624,7 +697,13 @@ def preprocess_image(
         targets = [(grid_size, write)] + ([(thumb_size, write_thumbnail)] if with_thumb else [])
         if undecoded is None or not _resize_while_decoding(img, image, undecoded, targets, image_size):
             resize_in_bands(_decoded(img, undecoded), targets, image_size)
-    else:
+    elif not (
+        # exactly one tile: decoded straight into the model input
+        blocks == 1
+        and img.size == grid_size
+        and undecoded is not None
+        and _convert_while_decoding(img, image, undecoded, out32[0], parallel)
+    ):
         img = _decoded(img, undecoded)
         write(np.asarray(img if img.size == grid_size else img.resize(grid_size, Image.Resampling.BICUBIC)), 0, 0)
         if with_thumb:
