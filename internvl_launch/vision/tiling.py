@@ -438,6 +438,9 @@ class _RowFeed:
             return None
 
     def _on_rows(self, final: int) -> None:
+        if not any(self._final < hi <= final for _, hi in self.chunks):
+            self._final = final  # no chunk completed: no one to wake (waiters recheck under the lock)
+            return
         with self._ready:
             self._final = final
             self._ready.notify_all()
