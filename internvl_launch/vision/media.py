@@ -12,9 +12,13 @@ import binascii
 import io
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from internvl_launch.errors import MediaError
 from internvl_launch.vision.limits import MAX_IMAGE_BYTES
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
 
 #: Formats accepted for images; anything else Pillow might open is refused.
 IMAGE_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
@@ -88,24 +92,34 @@ def _data_url(ref: str, *, kind: str, max_bytes: int) -> bytes:
 def image_size(data: bytes, ref: str = "image") -> tuple[int, int]:
     """(width, height) from the image header, without decoding the pixels.
     Refuses formats outside `IMAGE_FORMATS` and decompression bombs."""
+    with opened_image(data, ref) as img:
+        return img.size
+
+
+def opened_image(data: bytes, ref: str = "image") -> PILImage.Image:
+    """The image opened from its header, pixels not yet decoded, after the
+    checks of `image_size`."""
     from PIL import Image
 
+    img = None
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format not in IMAGE_FORMATS:
-                raise MediaError(
-                    f"{describe(ref)} is a {img.format} image; accepted formats: {', '.join(sorted(IMAGE_FORMATS))}."
-                )
-            width, height = img.size
+        img = Image.open(io.BytesIO(data))
+        if img.format not in IMAGE_FORMATS:
+            raise MediaError(
+                f"{describe(ref)} is a {img.format} image; accepted formats: {', '.join(sorted(IMAGE_FORMATS))}."
+            )
+        width, height = img.size
+        if width * height > Image.MAX_IMAGE_PIXELS:  # Pillow only warns between 1x and 2x the limit
+            raise MediaError(f"{describe(ref)} is {width}x{height}, over the {Image.MAX_IMAGE_PIXELS} pixel limit.")
     except Image.DecompressionBombError:
         raise MediaError(f"{describe(ref)} has too many pixels to decode safely.") from None
     except MediaError:
+        if img is not None:
+            img.close()
         raise
     except Exception:  # Pillow raises many types for unreadable data; none of their text is shown
         raise MediaError(
             f"{describe(ref)} is not a readable image.",
             hint="Check that the file is a complete JPEG, PNG, WebP or GIF.",
         ) from None
-    if width * height > Image.MAX_IMAGE_PIXELS:  # Pillow only warns between 1x and 2x the limit
-        raise MediaError(f"{describe(ref)} is {width}x{height}, over the {Image.MAX_IMAGE_PIXELS} pixel limit.")
-    return width, height
+    return img

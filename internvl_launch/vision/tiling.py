@@ -19,7 +19,6 @@ cost a hash.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import threading
 from collections import OrderedDict
@@ -349,7 +348,7 @@ def open_image(image: ImageInput) -> Image.Image:
 def _open_encoded(image: str | os.PathLike | bytes) -> tuple[Image.Image, str]:
     """The image opened but not decoded, after open_image's checks, and its name for errors."""
     from internvl_launch.errors import MediaError
-    from internvl_launch.vision.media import image_size
+    from internvl_launch.vision.media import opened_image
     from internvl_launch.vision.png import inflate_with_isal
 
     data = bytes(image) if isinstance(image, (bytes, bytearray, memoryview)) else None
@@ -359,9 +358,7 @@ def _open_encoded(image: str | os.PathLike | bytes) -> tuple[Image.Image, str]:
             data = Path(image).read_bytes()  # type: ignore[arg-type]
     except OSError:
         raise MediaError(f"{name} could not be read.") from None
-    image_size(data, name)
-    with _decode_errors(name):
-        img = Image.open(io.BytesIO(data))
+    img = opened_image(data, name)
     inflate_with_isal(img)  # a PNG's data inflated twice as fast, where isal is installed
     return img, name
 
