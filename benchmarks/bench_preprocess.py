@@ -65,8 +65,13 @@ def medians(fs: list, runs: int) -> list[float]:
     return [statistics.median(t) for t in timings(fs, runs)]
 
 
-def timings(fs: list, runs: int) -> list[list[float]]:
-    """Seconds of each function in each round, the functions run in turn."""
+def timings(fs: list, runs: int, warm_up: int = 3) -> list[list[float]]:
+    """Seconds of each function in each round, the functions run in turn,
+    after `warm_up` rounds that are not timed (lazy imports, one-time checks,
+    memory first touched)."""
+    for _ in range(warm_up):
+        for f in fs:
+            f()
     times: list[list[float]] = [[] for _ in fs]
     for _ in range(runs):
         for f, sink in zip(fs, times, strict=True):
