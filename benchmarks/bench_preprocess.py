@@ -57,12 +57,8 @@ def make_image(width: int, height: int, fmt: str) -> bytes:
 
 
 def median(f, runs: int) -> float:
-    return medians([f], runs)[0]
-
-
-def medians(fs: list, runs: int) -> list[float]:
-    """Median seconds of each function, the functions run in turn, `runs` rounds."""
-    return [statistics.median(t) for t in timings(fs, runs)]
+    """Median seconds of `f` over `runs` timed runs."""
+    return statistics.median(timings([f], runs)[0])
 
 
 def timings(fs: list, runs: int, warm_up: int = 3) -> list[list[float]]:
