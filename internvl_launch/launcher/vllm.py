@@ -82,6 +82,10 @@ def vllm_command(plan: LaunchPlan, weights: Path, options: ServeOptions, port: i
         command += ["--pipeline-parallel-size", str(options.nodes), "--distributed-executor-backend", "ray"]
     if plan.quantization_config and plan.quantization_config.get("method") == "awq":
         command += ["--quantization", "awq"]
+    passed = {flag.split("=", 1)[0] for flag in options.vllm_args}
+    if plan.mm_encoder_tp_mode and "--mm-encoder-tp-mode" not in passed:
+        # The vision tower's heads do not divide the tensor-parallel size.
+        command += ["--mm-encoder-tp-mode", plan.mm_encoder_tp_mode]
     video = spec.llm.arch.startswith("qwen")  # vLLM takes InternVL video only with a Qwen backbone
     command += ["--limit-mm-per-prompt", json.dumps({"image": options.max_images, "video": 1 if video else 0})]
     # Native checkpoints tile through Transformers' processor (max_patches);
