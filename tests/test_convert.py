@@ -163,16 +163,108 @@ def test_pixel_shuffle_v1_is_refused_with_the_reason(
     assert not (tmp_path / "out").exists()
 
 
-def test_pickle_weights_are_refused_unless_allowed(originals: dict[str, Path], tmp_path: Path) -> None:
-    src = _copy(originals["qwen2"], tmp_path / "src")
-    torch.save(load_file(src / "model.safetensors"), src / "pytorch_model.bin")
+class _StateDict(dict):
+    """A dict subclass: a global the restricted loader does not know."""
+
+
+def _pickle_only(src: Path, *, shards: int = 1, state: dict | None = None) -> Path:
+    """Replace `src`'s safetensors by `torch.save`d pickles: one
+    pytorch_model.bin, or `shards` files with a pytorch_model.bin.index.json."""
+    tensors = load_file(src / "model.safetensors") if state is None else state
     (src / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="pickle") as err:
-        convert(src, tmp_path / "out")
-    assert "--allow-pickle" in (err.value.hint or "")
-    assert not (tmp_path / "out").exists()
+    if shards == 1:
+        torch.save(tensors, src / "pytorch_model.bin")
+        return src
+    keys = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {k: tensors[k] for k in keys[i::shards]}
+        torch.save(part, src / name)
+        weight_map.update(dict.fromkeys(part, name))
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    return src
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_pickle_only_weights_convert_without_allow_pickle(
+    originals: dict[str, Path], converted: dict[str, Path], tmp_path: Path, shards: int
+) -> None:
+    """Pickles holding only tensors are read with the restricted loader, with
+    no flag, and give the checkpoint the safetensors source gives."""
+    src = _pickle_only(_copy(originals["internlm2"], tmp_path / "src"), shards=shards)
+    assert inspect_original(src).weight_format == "pickle"
+    report = convert(src, tmp_path / "out", verify=False)
+    assert any("weights_only=True" in note for note in report.notes)
+    assert not list((tmp_path / "out").glob("*.bin"))
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    reference = load_file(converted["internlm2"] / "model.safetensors")
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False  # the output head was found in the pickles
+    assert _worst(_logits(tmp_path / "out"), REFERENCE["models"]["internlm2"]) <= TOLERANCE
+
+
+def test_a_pickle_the_restricted_loader_refuses_needs_allow_pickle(originals: dict[str, Path], tmp_path: Path) -> None:
+    src = _copy(originals["qwen2"], tmp_path / "src")
+    _pickle_only(src, state=_StateDict(load_file(src / "model.safetensors")))
+    with pytest.raises(CheckpointError, match="objects other than tensors") as err:
+        convert(src, tmp_path / "out", verify=False)
+    assert "pytorch_model.bin" in err.value.message and "--allow-pickle" in (err.value.hint or "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     convert(src, tmp_path / "out", allow_pickle=True, verify=False)
     assert _worst(_logits(tmp_path / "out"), REFERENCE["models"]["qwen2"]) <= TOLERANCE
+
+
+def test_a_pickle_with_a_function_reference_is_refused_even_when_allowed(
+    originals: dict[str, Path], tmp_path: Path
+) -> None:
+    src = _copy(originals["qwen2"], tmp_path / "src")
+    _pickle_only(src, state={**load_file(src / "model.safetensors"), "hook": print})
+    with pytest.raises(CheckpointError, match="objects other than tensors"):
+        convert(src, tmp_path / "out", verify=False)
+    with pytest.raises(CheckpointError, match="entries other than tensors"):
+        convert(src, tmp_path / "out", allow_pickle=True, verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_convert_command_refuses_a_pickle_with_objects_and_writes_nothing(
+    originals: dict[str, Path],
+    tmp_path: Path,
+    run_cli,  # type: ignore[no-untyped-def]
+) -> None:
+    src = _copy(originals["qwen2"], tmp_path / "src")
+    _pickle_only(src, state=_StateDict(load_file(src / "model.safetensors")))
+    code, out, _err = run_cli("convert", str(src), str(tmp_path / "dst"), "--json")
+    assert code == 12
+    error = json.loads(out)
+    assert error["error"] == "CheckpointError" and "objects other than tensors" in json.dumps(error)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_pickle_index_naming_a_missing_shard_is_named(originals: dict[str, Path], tmp_path: Path) -> None:
+    src = _pickle_only(_copy(originals["qwen2"], tmp_path / "src"), shards=2)
+    (src / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(CheckpointError, match=r"pytorch_model-00002-of-00002\.bin, which is missing"):
+        inspect_original(src)
+
+
+def test_describe_reads_a_pickle_only_checkpoint_without_loading_it(
+    originals: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from internvl_launch.checkpoint.local import describe_checkpoint
+
+    expected = describe_checkpoint(originals["qwen2"])
+    src = _pickle_only(_copy(originals["qwen2"], tmp_path / "src"), shards=2)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("describe loaded a pickle"))
+    described = describe_checkpoint(src)
+    assert described.parameters == expected.parameters and described.vision_params == expected.vision_params
+    assert described.weight_files == ("pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin")
+    hostile = _copy(originals["qwen2"], tmp_path / "hostile")
+    _pickle_only(hostile, state=_StateDict(load_file(hostile / "model.safetensors")))
+    with pytest.raises(CheckpointError, match="not a readable PyTorch state dict"):
+        describe_checkpoint(hostile)
 
 
 def test_a_truncated_safetensors_file_leaves_nothing_behind(originals: dict[str, Path], tmp_path: Path) -> None:

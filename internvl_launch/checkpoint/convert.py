@@ -14,11 +14,18 @@ matrices are split:
   Llama, with `attention.wqkv` split per key/value group (its rows are packed
   as `[kv_heads, q_per_kv + 2, head_dim]`).
 
+AWQ checkpoints (GEMM layout, `quantization_config` in `llm_config`) convert
+the same way: their `qweight`/`qzeros`/`scales` follow the renames, and
+InternLM2's `wqkv` triple is split along its output dimension (dim 1) in whole
+packed columns; the native config carries the `quantization_config`.
+
 No code from the checkpoint is imported or run: everything is read from
-`config.json`, the safetensors files and the tokenizer files. Pickle weights
-(`.bin`) are read only when the caller allows it. Output is written to a
-temporary directory beside the destination and renamed into place, so a failed
-conversion leaves nothing behind.
+`config.json`, the weight files and the tokenizer files. Pickle weights
+(`pytorch_model*.bin`) are read with `torch.load(weights_only=True)`, which
+rebuilds tensors and plain containers only; a file that needs anything else is
+refused unless the caller allows full unpickling. The output is always
+safetensors. Output is written to a temporary directory beside the destination
+and renamed into place, so a failed conversion leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -35,11 +42,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from internvl_launch.checkpoint.local import CONVERSION_MARKER, ORIGINAL_ARCHS, safetensors_header
+from internvl_launch.checkpoint.awq import PACK, TRIPLE, dequantize_state_dict, is_awq_config, select_output_blocks
+from internvl_launch.checkpoint.local import (
+    CONVERSION_MARKER,
+    ORIGINAL_ARCHS,
+    pickle_weight_files,
+    safetensors_header,
+)
 from internvl_launch.errors import CheckpointError
 
 #: Bump when converted output changes: it moves the cache key.
-CONVERTER_VERSION = 1
+#: 2: AWQ checkpoints carry a top-level quantization_config (none in text_config).
+CONVERTER_VERSION = 2
 
 #: The original config's LLM class -> our name for the backbone.
 BACKBONES = ORIGINAL_ARCHS
@@ -74,10 +88,18 @@ class OriginalCheckpoint:
     image_size: int
     weight_files: tuple[str, ...]
     weight_format: str  # safetensors | pickle
+    #: Read pickles with the full unpickler when the restricted one refuses them.
+    allow_pickle: bool = False
+    #: The AWQ `quantization_config` (from the top level or `llm_config`), if any.
+    awq: dict[str, Any] | None = None
 
     @property
     def llm(self) -> dict[str, Any]:
         return dict(self.config["llm_config"])
+
+    @property
+    def awq_group_size(self) -> int:
+        return int((self.awq or {}).get("group_size", 128))
 
     @property
     def vision(self) -> dict[str, Any]:
@@ -123,20 +145,18 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def weight_files(path: Path, *, allow_pickle: bool) -> tuple[tuple[str, ...], str]:
-    """The checkpoint's weight files and their format; pickle only when allowed
-    and there are no safetensors."""
+def weight_files(path: Path, *, allow_pickle: bool = False) -> tuple[tuple[str, ...], str]:
+    """The checkpoint's weight files and their format: the safetensors files,
+    else the pickle weights (`pytorch_model*.bin`, or the shards their index
+    names). Pickles are listed whether or not `allow_pickle`: what decides is
+    how they are read (`_read_tensors`)."""
+    del allow_pickle  # reading, not listing, depends on it
     safetensors = sorted(p.name for p in path.glob("*.safetensors"))
     if safetensors:
         return tuple(safetensors), "safetensors"
-    pickles = sorted(p.name for p in path.glob("*.bin") if p.name.startswith(("pytorch_model", "model")))
-    if pickles and not allow_pickle:
-        raise CheckpointError(
-            f"{path} has only pickle weights ({', '.join(pickles[:3])}); loading a pickle can run code.",
-            hint="Convert from a safetensors copy, or pass --allow-pickle if you trust where these files came from.",
-        )
+    pickles = pickle_weight_files(path)
     if pickles:
-        return tuple(pickles), "pickle"
+        return pickles, "pickle"
     raise CheckpointError(
         f"{path} has a config.json but no weights (*.safetensors or pytorch_model*.bin).",
         hint="Copy the weight files next to config.json, or download the checkpoint again.",
@@ -175,6 +195,7 @@ def inspect_original(path: str | os.PathLike[str], *, allow_pickle: bool = False
         raise CheckpointError(f"{root} has downsample_ratio {config['downsample_ratio']}; only 0.5 is supported.")
     vision = config["vision_config"]
     image_size = int(config.get("force_image_size") or vision.get("image_size") or 448)
+    awq = _awq_config(root, config)
     files, fmt = weight_files(root, allow_pickle=allow_pickle)
     return OriginalCheckpoint(
         path=root,
@@ -185,12 +206,59 @@ def inspect_original(path: str | os.PathLike[str], *, allow_pickle: bool = False
         image_size=image_size,
         weight_files=files,
         weight_format=fmt,
+        allow_pickle=allow_pickle,
+        awq=awq,
     )
+
+
+def _awq_config(root: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint's AWQ settings, or None for a float checkpoint. Other
+    quantization methods, and AWQ variants whose tensors are laid out
+    differently (GEMV, no zero point, other than 4 bits), are refused."""
+    quant = config.get("quantization_config") or config["llm_config"].get("quantization_config")
+    if not quant:
+        return None
+    if not is_awq_config(quant):
+        method = quant.get("quant_method", "unnamed") if isinstance(quant, dict) else type(quant).__name__
+        raise CheckpointError(
+            f"{root} is quantized with {method}; the converter handles float and AWQ checkpoints only.",
+            hint="Convert the float checkpoint and quantize at load time (--quantization 8-bit or 4-bit).",
+        )
+    version = str(quant.get("version", "gemm")).lower()
+    bits = int(quant.get("bits", quant.get("w_bit", 4)))
+    zero_point = bool(quant.get("zero_point", True))
+    group = int(quant.get("group_size", quant.get("q_group_size", 128)))
+    if version != "gemm" or bits != 4 or not zero_point or group <= 0:
+        raise CheckpointError(
+            f"{root} is AWQ with version {version!r}, {bits} bits, zero_point {zero_point}, group_size {group}; "
+            "the converter reads the GEMM layout with 4 bits, zero points and a positive group size.",
+        )
+    return {"quant_method": "awq", "bits": bits, "group_size": group, "zero_point": zero_point, "version": "gemm"}
 
 
 # --- configuration ---------------------------------------------------------------------
 
-_LLM_DROP = {"architectures", "auto_map", "attn_implementation", "_name_or_path", "transformers_version", "model_type"}
+_LLM_DROP = {
+    "architectures",
+    "auto_map",
+    "attn_implementation",
+    "_name_or_path",
+    "transformers_version",
+    "model_type",
+    "quantization_config",
+}
+#: The native modules an AWQ conversion leaves in float. Each is named twice:
+#: bare, for loaders that match a name anywhere in a module path (vLLM), and
+#: with `model.`, for Transformers, which matches from the start of the path
+#: (its InternVL class holds them as `model.vision_tower` and
+#: `model.multi_modal_projector`; `lm_head` sits at the top).
+AWQ_NOT_CONVERTED = (
+    "vision_tower",
+    "multi_modal_projector",
+    "lm_head",
+    "model.vision_tower",
+    "model.multi_modal_projector",
+)
 
 
 def native_text_config(src: OriginalCheckpoint, *, has_lm_head: bool) -> dict[str, Any]:
@@ -275,7 +343,13 @@ def native_config(src: OriginalCheckpoint, *, image_token_id: int, has_lm_head: 
         "vision_feature_select_strategy": "default",
         "tie_word_embeddings": not has_lm_head,
         "dtype": dtype,
+        **({"quantization_config": native_quantization_config(src)} if src.awq else {}),
     }
+
+
+def native_quantization_config(src: OriginalCheckpoint) -> dict[str, Any]:
+    """The top-level `quantization_config` of an AWQ conversion."""
+    return {**(src.awq or {}), "modules_to_not_convert": list(AWQ_NOT_CONVERTED)}
 
 
 # --- weights ---------------------------------------------------------------------------
@@ -312,7 +386,7 @@ _INTERNLM2_RULES = [
 # Qwen2, Llama and Phi-3 keep their Transformers names under `language_model.`.
 _PLAIN_LLM_RULES = [(r"language_model\.(model\.|lm_head\.)", r"language_model.\1")]
 _VIT_QKV = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
-_WQKV = re.compile(r"language_model\.model\.layers\.(\d+)\.attention\.wqkv\.(weight|bias)$")
+_WQKV = re.compile(r"language_model\.model\.layers\.(\d+)\.attention\.wqkv\.(weight|bias|qweight|qzeros|scales)$")
 #: Training-only tensors some checkpoints carry; they have no native counterpart.
 _IGNORED = re.compile(r"(\.inv_freq$|\.rotary_emb\.|^vision_model\.clip_projector|^vision_model\.head)")
 
@@ -356,7 +430,8 @@ class WeightMapper:
         if m:
             layer, kind = m.groups()
             self._count("internlm2 wqkv split")
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), self.split_wqkv(tensor), strict=False):
+            parts = self.split_wqkv(tensor) if kind in ("weight", "bias") else self.split_wqkv_awq(tensor, kind)
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), parts, strict=False):
                 yield f"language_model.model.layers.{layer}.self_attn.{name}.{kind}", part
             return
         for pattern, replacement in self.rules:
@@ -382,6 +457,41 @@ class WeightMapper:
         v = grouped[:, q_per_kv + 1].reshape(self.kv_heads * self.head_dim, *rest)
         return q.contiguous(), k.contiguous(), v.contiguous()
 
+    def wqkv_blocks(self) -> tuple[list[int], list[int], list[int]]:
+        """The head-sized output blocks of InternLM2's `wqkv` that make up the
+        query, key and value projections, in Llama's order: block
+        `g * (q_per_kv + 2) + j` is query head `j` of key/value group `g` for
+        `j < q_per_kv`, then that group's key, then its value."""
+        q_per_kv = self.heads // self.kv_heads
+        per = q_per_kv + 2
+        q = [g * per + j for g in range(self.kv_heads) for j in range(q_per_kv)]
+        k = [g * per + q_per_kv for g in range(self.kv_heads)]
+        v = [g * per + q_per_kv + 1 for g in range(self.kv_heads)]
+        return q, k, v
+
+    def split_wqkv_awq(self, tensor: Any, kind: str) -> tuple[Any, Any, Any]:
+        """`split_wqkv` for one AWQ tensor of `wqkv`: its output dimension is
+        dim 1, counted in packed columns of 8 channels for `qweight`/`qzeros`
+        and in channels for `scales`, so whole heads move as whole columns."""
+        packed = kind != "scales"
+        if packed and self.head_dim % PACK:
+            raise CheckpointError(
+                f"InternLM2's wqkv.{kind} cannot be split: head_dim {self.head_dim} is not a multiple of {PACK}, "
+                f"so a head does not fill whole packed AWQ columns.",
+                hint="Convert the float checkpoint instead; nothing was written.",
+            )
+        channels = (self.heads + 2 * self.kv_heads) * self.head_dim
+        width = channels // PACK if packed else channels
+        if tensor.dim() != 2 or tensor.shape[1] != width:
+            raise CheckpointError(
+                f"InternLM2's wqkv.{kind} has shape {tuple(tensor.shape)}; {self.heads} query and "
+                f"{self.kv_heads} key/value heads of {self.head_dim} need {width} columns.",
+                hint="The config does not describe these weights; nothing was written.",
+            )
+        return tuple(  # type: ignore[return-value]
+            select_output_blocks(tensor, self.head_dim, blocks, packed=packed) for blocks in self.wqkv_blocks()
+        )
+
 
 def _read_tensors(src: OriginalCheckpoint) -> Iterator[tuple[str, Any]]:
     """Every tensor of the checkpoint, one file at a time."""
@@ -400,34 +510,87 @@ def _read_tensors(src: OriginalCheckpoint) -> Iterator[tuple[str, Any]]:
                     hint="Download or copy the file again; nothing was written.",
                 ) from err
         else:
-            import torch
-
-            try:
-                state = torch.load(file, map_location="cpu", weights_only=True)
-            except Exception as err:
-                raise CheckpointError(f"{file} cannot be read as PyTorch weights ({err}).") from err
-            yield from state.items()
+            yield from _read_pickle(file, allow_pickle=src.allow_pickle).items()
 
 
-def _has_lm_head(src: OriginalCheckpoint) -> bool:
-    """Whether the checkpoint has its own output head, read from the index or
-    the safetensors headers (which also catches a truncated file before
-    anything is written)."""
-    names = ("language_model.lm_head.weight", "language_model.output.weight")
-    if src.weight_format != "safetensors":
-        return True
+def _read_pickle(file: Path, *, allow_pickle: bool) -> dict[str, Any]:
+    """A `torch.save`d state dict, read with the restricted loader
+    (`weights_only=True`: tensors and plain containers, nothing else is
+    built or called; memory-mapped when the file is in the zip format). A file
+    that loader refuses raises `CheckpointError`, unless `allow_pickle`, which
+    reads it with the full unpickler."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except (pickle.UnpicklingError, RuntimeError) as err:
+        restricted = isinstance(err, pickle.UnpicklingError) or "weights only load failed" in str(err).lower()
+        if not restricted:
+            raise CheckpointError(
+                f"{file} cannot be read as PyTorch weights ({_first_line(err)}); it may be truncated or corrupt.",
+                hint="Download or copy the file again; nothing was written.",
+            ) from err
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{file} holds objects other than tensors ({_first_line(err)}), which the safe loader "
+                "(torch.load with weights_only=True) refuses: unpickling them could run code.",
+                hint="Use safetensors weights, or pass --allow-pickle if you trust where this file came from.",
+            ) from err
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=False)
+        except Exception as full_err:
+            raise CheckpointError(f"{file} cannot be read as PyTorch weights ({_first_line(full_err)}).") from full_err
+    except Exception as err:
+        raise CheckpointError(
+            f"{file} cannot be read as PyTorch weights ({_first_line(err)}); it may be truncated or corrupt.",
+            hint="Download or copy the file again; nothing was written.",
+        ) from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"{file} holds {type(state).__name__}"
+            + (" with entries other than tensors" if isinstance(state, dict) else "")
+            + ", not a state dict of tensors.",
+            hint="Point at a checkpoint whose pytorch_model*.bin files hold state dicts.",
+        )
+    return state
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else type(err).__name__
+
+
+_HEADS = ("language_model.lm_head.", "language_model.output.")
+
+
+def _has_lm_head(src: OriginalCheckpoint) -> bool | None:
+    """Whether the checkpoint has its own output head, read from the
+    safetensors headers (which also catches a truncated file before anything
+    is written) or a pickle index; None when only reading the weights tells."""
     keys: set[str] = set()
-    for name in src.weight_files:
-        keys.update(safetensors_header(src.path / name))
-    return any(n in keys for n in names)
+    if src.weight_format == "safetensors":
+        for name in src.weight_files:
+            keys.update(safetensors_header(src.path / name))
+    elif (src.path / "pytorch_model.bin.index.json").is_file():
+        index = json.loads((src.path / "pytorch_model.bin.index.json").read_text())
+        keys.update(index.get("weight_map") or {})
+    else:
+        return None
+    return any(k.startswith(_HEADS) for k in keys)
 
 
 def _write_weights(
     src: OriginalCheckpoint, out: Path, mapper: WeightMapper, dtype: Any | None
-) -> tuple[list[str], int, str]:
+) -> tuple[list[str], int, str, set[str]]:
     """Stream the mapped tensors into shards of at most `_SHARD_BYTES`, each
     written as soon as it is full, so memory holds one shard at a time, not
-    the model. Returns the files written, the parameter count and the dtype."""
+    the model. Returns the files written, the parameter count (an AWQ
+    `qweight` counts 8 per int32, its `qzeros`/`scales` none), the dtype
+    and the native names written. `dtype` casts floating tensors only
+    (never the int32 `qweight`/`qzeros`)."""
     from safetensors.torch import save_file
 
     shard: dict[str, Any] = {}
@@ -457,7 +620,11 @@ def _write_weights(
             seen.add(new_key)
             shard[new_key] = new
             size += nbytes
-            params += new.numel()
+            leaf = new_key.rsplit(".", 1)[-1]
+            if src.awq and leaf in TRIPLE:
+                params += new.numel() * PACK if leaf == "qweight" else 0
+            else:
+                params += new.numel()
             dtypes.add(str(new.dtype).removeprefix("torch."))
     flush()
     files: list[str] = []
@@ -476,7 +643,7 @@ def _write_weights(
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         files.append("model.safetensors.index.json")
     dominant = "bfloat16" if "bfloat16" in dtypes else ("float16" if "float16" in dtypes else "float32")
-    return files, params, dominant
+    return files, params, dominant, seen
 
 
 # --- tokenizer and generation config ---------------------------------------------------
@@ -505,7 +672,10 @@ def _write_tokenizer(src: OriginalCheckpoint, out: Path, template: Any, system_m
         if (src.path / name).is_file():
             shutil.copy2(src.path / name, out / name)
     if not (out / "tokenizer.json").is_file():
-        _sentencepiece_to_fast(out, notes)
+        if (out / "vocab.json").is_file() and (out / "merges.txt").is_file():
+            _bpe_files_to_fast(out, notes)
+        else:
+            _sentencepiece_to_fast(out, notes)
     config_path = out / "tokenizer_config.json"
     tok_cfg: dict[str, Any] = json.loads(config_path.read_text()) if config_path.is_file() else {}
     if tok_cfg.pop("auto_map", None) is not None:
@@ -524,6 +694,23 @@ def _write_tokenizer(src: OriginalCheckpoint, out: Path, template: Any, system_m
             hint="Is this a language-model-only checkpoint? Nothing was written.",
         )
     return tokenizer, notes
+
+
+def _bpe_files_to_fast(out: Path, notes: list[str]) -> None:
+    """Build `tokenizer.json` from `vocab.json` and `merges.txt` (Qwen2's
+    repositories may ship only these, with `tokenizer_class: Qwen2Tokenizer`):
+    Transformers' own Qwen2 tokenizer reads them, added tokens included."""
+    from transformers import Qwen2TokenizerFast
+
+    try:
+        tokenizer = Qwen2TokenizerFast.from_pretrained(out)
+    except Exception as err:
+        raise CheckpointError(
+            f"The tokenizer files vocab.json and merges.txt could not be read as a Qwen2 tokenizer ({err}).",
+            hint="Copy the checkpoint's tokenizer files again; nothing was written.",
+        ) from err
+    tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+    notes.append("tokenizer: tokenizer.json built from vocab.json and merges.txt")
 
 
 def _sentencepiece_to_fast(out: Path, notes: list[str]) -> None:
@@ -629,7 +816,14 @@ def convert(
         image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         has_head = _has_lm_head(src)
         mapper = WeightMapper(src)
-        _files, params, dominant = _write_weights(src, tmp, mapper, _dtype(dtype))
+        _files, params, dominant, written = _write_weights(src, tmp, mapper, _dtype(dtype))
+        if has_head is None:
+            has_head = any(k.startswith("language_model.lm_head.") for k in written)
+        if src.weight_format == "pickle":
+            notes.append(
+                f"weights: read {len(src.weight_files)} pickle file(s) with torch.load(weights_only=True), "
+                "written as safetensors"
+            )
         config = native_config(src, image_token_id=image_token_id, has_lm_head=has_head, dtype=dtype or dominant)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _write_generation_config(src, tmp, template, tokenizer)
@@ -656,6 +850,11 @@ def convert(
             say("Verifying: loading the converted model and running one forward pass")
             verify_checkpoint(tmp)
             report.verified = True
+            if src.awq:
+                report.notes.append(
+                    "verified dequantized: the AWQ weights were dequantized to float in memory and run "
+                    "without AWQ kernels"
+                )
         report.seconds = round(time.perf_counter() - started, 3)
         (tmp / MARKER).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         _replace(tmp, dst)
@@ -682,10 +881,45 @@ def _replace(tmp: Path, dst: Path) -> None:
         tmp.rename(dst)
 
 
+def load_dequantized(path: Path, *, dtype: Any = None, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """A native AWQ checkpoint as a float `InternVLForConditionalGeneration`:
+    every `qweight`/`qzeros`/`scales` triple dequantized to a float weight in
+    memory and the model built without its `quantization_config`, so no AWQ
+    kernel is needed. `dtype` defaults to float32. Returns the model and
+    Transformers' loading info (missing, unexpected, mismatched keys)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    config = json.loads((path / "config.json").read_text())
+    quant = config.pop("quantization_config", None)
+    if not is_awq_config(quant):
+        raise CheckpointError(f"{path} is not an AWQ checkpoint (no AWQ quantization_config).")
+    tensors: dict[str, Any] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    state = dequantize_state_dict(tensors, int(quant.get("group_size", 128)))
+    dtype = dtype or torch.float32
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    model, info = InternVLForConditionalGeneration.from_pretrained(
+        None,
+        config=InternVLConfig.from_dict(config),
+        state_dict=state,
+        dtype=dtype,
+        device_map=device,
+        output_loading_info=True,
+    )
+    return model.eval(), info
+
+
 def verify_checkpoint(path: Path) -> None:
     """Load a native checkpoint with Transformers' classes (in its own dtype,
     on the GPU when there is one) and run one forward pass on a generated
-    one-tile image; raise if anything fails or a weight is missing."""
+    one-tile image; raise if anything fails or a weight is missing. An AWQ
+    checkpoint is checked dequantized (`load_dequantized`: float weights in
+    memory, float32 on CPU and the config's dtype on a GPU), because AWQ
+    kernels need a GPU and an extra package; what is checked is the names,
+    the shapes and the packing of every tensor."""
     import torch
     from PIL import Image
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
@@ -698,10 +932,16 @@ def verify_checkpoint(path: Path) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model, info = InternVLForConditionalGeneration.from_pretrained(
-            path, dtype="auto", device_map=device, output_loading_info=True
-        )
-        model.eval()
+        if is_awq_config(json.loads((path / "config.json").read_text()).get("quantization_config")):
+            config_dtype = json.loads((path / "config.json").read_text()).get("dtype") or "float16"
+            model, info = load_dequantized(
+                path, dtype=getattr(torch, config_dtype) if device == "cuda" else torch.float32, device=device
+            )
+        else:
+            model, info = InternVLForConditionalGeneration.from_pretrained(
+                path, dtype="auto", device_map=device, output_loading_info=True
+            )
+            model.eval()
         problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         problems = {k: v for k, v in problems.items() if v}
         if problems:

@@ -3,15 +3,21 @@
 `--model-path DIR` needs no registry entry: the layout (original
 `InternVLChatModel` or native `InternVLForConditionalGeneration`), the language
 model, the template, the tile limit and the size all come from `config.json`,
-the tokenizer files and the safetensors headers. Each value carries where it
-came from, so the plan can say so. Reading is cheap (JSON and the first bytes
-of each weight file): this runs in the light commands, which import no torch.
+the tokenizer files and the weights' headers (safetensors headers, or the
+pickle records of `pytorch_model*.bin`, read for names and shapes without
+loading a tensor or running anything). Each value carries where it came from,
+so the plan can say so. Reading is cheap (JSON and the first bytes of each
+weight file): this runs in the light commands, which import no torch.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import struct
+import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,26 +105,124 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def _weights(path: Path) -> tuple[tuple[str, ...], dict[str, list[int]]]:
-    """The safetensors files and every tensor's shape."""
-    files = sorted(p.name for p in path.glob("*.safetensors"))
-    if not files:
-        pickles = sorted(p.name for p in path.glob("*.bin"))
+#: The index of sharded pickle weights (`pytorch_model-0000N-of-0000M.bin`).
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+def pickle_weight_files(path: Path) -> tuple[str, ...]:
+    """The pickle weight files of a checkpoint directory: those its
+    `pytorch_model.bin.index.json` names (each must exist), else every
+    `pytorch_model*.bin` / `model*.bin` (never training files such as
+    `training_args.bin`)."""
+    index = path / PICKLE_INDEX
+    if index.is_file():
+        weight_map = _read_json(index, PICKLE_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no weight_map.", hint="Restore the index, or download it again.")
+        files = tuple(sorted({str(v) for v in weight_map.values()}))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{index} names {', '.join(missing[:3])}, which {'is' if len(missing) == 1 else 'are'} missing.",
+                hint="Copy or download the missing shards.",
+            )
+        return files
+    return tuple(sorted(p.name for p in path.glob("*.bin") if p.name.startswith(("pytorch_model", "model"))))
+
+
+class _Storage:
+    """Stands for a tensor's storage while reading a pickle's records."""
+
+
+class _TensorRecord:
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+
+def _rebuild_tensor(_storage: Any, _offset: Any, size: Any, *_rest: Any) -> _TensorRecord:
+    return _TensorRecord(tuple(int(d) for d in size))
+
+
+def _rebuild_parameter(data: Any, *_rest: Any) -> Any:
+    return data
+
+
+#: The only globals a state dict's pickle may name, each mapped to a record builder of ours.
+_PICKLE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+}
+
+
+class _ShapeUnpickler(pickle.Unpickler):
+    """Reads a PyTorch state dict's pickle for tensor names and shapes only:
+    storages are never loaded and the only callables it resolves are its own
+    record builders and `OrderedDict`; any other global is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PICKLE_GLOBALS:
+            return _PICKLE_GLOBALS[(module, name)]
+        if module == "torch" and name.endswith("Storage"):
+            return _Storage
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a tensor state dict")
+
+    def persistent_load(self, pid: Any) -> Any:
+        return _Storage()
+
+
+def pickle_shapes(path: Path) -> dict[str, list[int]]:
+    """Every tensor's name and shape in a `torch.save`d state dict, read from
+    its pickle records alone (no torch import, no tensor data read, nothing
+    run). Raises `CheckpointError` when the file is not such a state dict."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                record = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+                if record is None:
+                    raise ValueError("a zip file without data.pkl")
+                state = _ShapeUnpickler(io.BytesIO(archive.read(record))).load()
+        else:
+            with path.open("rb") as handle:  # the legacy format: magic, protocol, system info, then the object
+                for _ in range(3):
+                    _ShapeUnpickler(handle).load()
+                state = _ShapeUnpickler(handle).load()
+    except (pickle.UnpicklingError, ValueError, EOFError, OSError, zipfile.BadZipFile, TypeError) as err:
         raise CheckpointError(
-            f"{path} has no safetensors weights"
-            + (f" (only pickle files: {', '.join(pickles[:3])})" if pickles else "")
-            + ".",
-            hint="Copy the *.safetensors files next to config.json"
-            + (
-                ", or convert with `internvl convert --allow-pickle` if you trust the pickle files." if pickles else "."
-            ),
+            f"{path} is not a readable PyTorch state dict ({err}); it may hold objects other than tensors, "
+            "or be truncated.",
+            hint="Use safetensors weights, or download the file again.",
+        ) from err
+    if not isinstance(state, dict) or not all(isinstance(v, _TensorRecord) for v in state.values()):
+        raise CheckpointError(
+            f"{path} holds {type(state).__name__} with entries other than tensors, not a state dict.",
+            hint="Use safetensors weights, or a pytorch_model.bin written from a state dict.",
         )
+    return {str(k): list(v.shape) for k, v in state.items()}
+
+
+def _weights(path: Path) -> tuple[tuple[str, ...], dict[str, list[int]], str]:
+    """The weight files, every tensor's shape, and the format (`safetensors`,
+    or `pickle` when there are only `pytorch_model*.bin` files)."""
+    files = tuple(sorted(p.name for p in path.glob("*.safetensors")))
     shapes: dict[str, list[int]] = {}
-    for name in files:
-        for key, value in safetensors_header(path / name).items():
-            if key != "__metadata__":
-                shapes[key] = list(value["shape"])
-    return tuple(files), shapes
+    if files:
+        for name in files:
+            for key, value in safetensors_header(path / name).items():
+                if key != "__metadata__":
+                    shapes[key] = list(value["shape"])
+        return files, shapes, "safetensors"
+    pickles = pickle_weight_files(path)
+    if not pickles:
+        raise CheckpointError(
+            f"{path} has no safetensors weights (and no pytorch_model*.bin either).",
+            hint="Copy the weight files next to config.json.",
+        )
+    for name in pickles:
+        shapes.update(pickle_shapes(path / name))
+    return pickles, shapes, "pickle"
 
 
 def _count(shapes: dict[str, list[int]], awq: bool) -> tuple[int, int]:
@@ -297,9 +401,12 @@ def _finish(
 ) -> LocalCheckpoint:
     """The description, once the layout-specific values are known: the
     weights are counted here and the language model's shape read from `lm`."""
-    files, shapes = _weights(root)
+    files, shapes, weight_format = _weights(root)
     total, vision = _count(shapes, fmt == "awq")
-    prov["size"] = f"counted: {total:,} parameters in the safetensors headers"
+    where = "safetensors headers" if weight_format == "safetensors" else "pickle files' tensor records"
+    prov["size"] = f"counted: {total:,} parameters in the {where}" + (
+        " (8 per int32 of an AWQ qweight)" if fmt == "awq" else ""
+    )
     heads = int(lm.get("num_attention_heads", 1))
     return LocalCheckpoint(
         path=root,
