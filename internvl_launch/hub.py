@@ -6,8 +6,12 @@ walks the plan's hub order with fallback, and turns every client failure into
 one `DownloadError` that names the repository and what to do next.
 
 Files fetched: configs (`*.json`), safetensors weights, tokenizer files and
-chat templates. Python files only with `trust_remote_code`; pickle weights
-(`*.bin`, `*.pt`) only with `allow_pickle` and only when the repository has no
+chat templates. Python files only with `trust_remote_code`. When a repository
+has no safetensors, its pickle weights named like weights (`pytorch_model*.bin`,
+`model*.bin`, with the `.index.json` of sharded ones) are fetched, with a note:
+they are read with `torch.load(weights_only=True)`, which builds tensors only,
+and converted to safetensors once. Other pickles (`*.pt`, `*.ckpt`,
+`training_args.bin`) only with `allow_pickle`, and only when there are no
 safetensors.
 """
 
@@ -27,6 +31,8 @@ CONFIG_PATTERNS = ("*.json", "*.jinja")
 TOKENIZER_PATTERNS = ("*.model", "*.tiktoken", "*.txt", "*.vocab")
 WEIGHT_PATTERNS = ("*.safetensors",)
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+#: Pickle files named like model weights: fetched when there are no safetensors.
+PICKLE_WEIGHT_PATTERNS = ("pytorch_model*.bin", "model*.bin")
 CODE_PATTERNS = ("*.py",)
 
 Notify = Callable[[str], None]
@@ -54,35 +60,45 @@ class Download:
         }
 
 
-def wanted_patterns(*, trust_remote_code: bool = False, allow_pickle: bool = False) -> list[str]:
+def wanted_patterns(*, trust_remote_code: bool = False, allow_pickle: bool = False, pickles: bool = True) -> list[str]:
+    """Glob patterns of what an engine may need, for clients that fetch by
+    pattern. `pickles=False` leaves the pickle weights out (a first pass that
+    must not fetch them beside safetensors)."""
     patterns = [*CONFIG_PATTERNS, *TOKENIZER_PATTERNS, *WEIGHT_PATTERNS]
     if trust_remote_code:
         patterns += CODE_PATTERNS
-    if allow_pickle:
-        patterns += PICKLE_PATTERNS
+    if pickles:
+        patterns += PICKLE_PATTERNS if allow_pickle else PICKLE_WEIGHT_PATTERNS
     return patterns
 
 
 def select_files(names: list[str], *, trust_remote_code: bool = False, allow_pickle: bool = False) -> list[str]:
-    """The files of a repository listing that an engine needs.
+    """The files of a repository listing that an engine needs: the
+    safetensors weights when there are any, else the pickle weights
+    (`pytorch_model*.bin`, `model*.bin`; every pickle with `allow_pickle`).
 
-    Raises `DownloadError` when the weights are pickle-only and pickle was not
-    allowed, or when there are no weights at all."""
+    Raises `DownloadError` when there are no weights at all."""
     base = [n for n in names if _matches(n, (*CONFIG_PATTERNS, *TOKENIZER_PATTERNS))]
     safetensors = [n for n in names if _matches(n, WEIGHT_PATTERNS)]
-    pickles = [n for n in names if _matches(n, PICKLE_PATTERNS)]
+    pickles = [n for n in names if _matches(n, PICKLE_PATTERNS if allow_pickle else PICKLE_WEIGHT_PATTERNS)]
     code = [n for n in names if _matches(n, CODE_PATTERNS)] if trust_remote_code else []
     if safetensors:
         return sorted({*base, *safetensors, *code})
-    if pickles and allow_pickle:
-        return sorted({*base, *pickles, *code})
     if pickles:
-        raise DownloadError(
-            "This repository has only pickle weights (" + ", ".join(sorted(pickles)[:3]) + "), which can run code "
-            "when loaded.",
-            hint="Pass --allow-pickle if you trust its publisher, or convert it to safetensors first.",
-        )
-    raise DownloadError("This repository has no weight files (*.safetensors).")
+        return sorted({*base, *pickles, *code})
+    others = sorted(n for n in names if _matches(n, PICKLE_PATTERNS))
+    raise DownloadError(
+        "This repository has no weight files (*.safetensors or pytorch_model*.bin)"
+        + (f"; its other pickle files ({', '.join(others[:3])}) are fetched only with --allow-pickle" if others else "")
+        + ".",
+    )
+
+
+def pickle_only(files: list[str] | tuple[str, ...]) -> list[str]:
+    """The pickle weights of a selection that has no safetensors (else [])."""
+    if any(_matches(n, WEIGHT_PATTERNS) for n in files):
+        return []
+    return sorted(n for n in files if _matches(n, PICKLE_PATTERNS))
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -150,6 +166,14 @@ def download(
                 notes.append(line)
                 continue
             break
+        pickled = pickle_only(files)
+        if pickled:
+            line = (
+                f"{hub}: {repo_id} has pickle weights only ({', '.join(pickled[:3])}); they are read with "
+                "torch.load(weights_only=True), which builds tensors only, and converted to safetensors once"
+            )
+            say(line)
+            notes.append(line)
         return Download(path, hub, repo_id, revision, tuple(files), tuple(notes))
     hub, repo_id, first = failures[0]
     if len(failures) > 1:
@@ -289,15 +313,20 @@ def _modelscope(
             "The modelscope client is not installed.",
             hint="pip install 'internvl-launch[modelscope]', or pass --hub huggingface.",
         ) from err
-    patterns = wanted_patterns(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     say(f"modelscope: {repo_id}: fetching")
-    kwargs: dict[str, Any] = {"allow_patterns": patterns}
+    kwargs: dict[str, Any] = {}
     if revision:
         kwargs["revision"] = revision
     if offline():
         kwargs["local_files_only"] = True
+    # The client fetches by pattern without a listing first: safetensors first,
+    # and the pickle weights only when that found none (never both).
+    first = wanted_patterns(trust_remote_code=trust_remote_code, pickles=False)
     try:
-        path = Path(ms_snapshot(repo_id, **kwargs))
+        path = Path(ms_snapshot(repo_id, allow_patterns=first, **kwargs))
+        if not any(p.is_file() and _matches(p.name, WEIGHT_PATTERNS) for p in path.rglob("*")):
+            patterns = wanted_patterns(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+            path = Path(ms_snapshot(repo_id, allow_patterns=patterns, **kwargs))
     except Exception as err:
         if offline():
             raise DownloadError(

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from standin_hub import StandInHub, StandInModelScope
 
+from internvl_launch.checkpoint.convert import CONVERTER_VERSION
 from internvl_launch.checkpoint.tiny import TinyConfig, generate_tiny
 from internvl_launch.errors import DownloadError
 from internvl_launch.hub import download, select_files
@@ -120,14 +121,40 @@ def test_missing_repo_and_revision(hub: StandInHub, tiny_files: dict[str, bytes]
         download([("huggingface", "OpenGVLab/Tiny")], revision="nope", progress=False)
 
 
-def test_pickle_only_weights_are_refused_unless_allowed() -> None:
-    names = ["config.json", "pytorch_model.bin", "tokenizer.json"]
-    with pytest.raises(DownloadError, match="pickle"):
-        select_files(names)
-    assert "pytorch_model.bin" in select_files(names, allow_pickle=True)
+def test_pickle_only_repositories_fetch_their_weight_pickles_and_nothing_else() -> None:
+    names = ["config.json", "pytorch_model.bin", "tokenizer.json", "training_args.bin", "optimizer.pt"]
+    assert select_files(names) == ["config.json", "pytorch_model.bin", "tokenizer.json"]
+    sharded = [
+        "config.json",
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin",
+        "pytorch_model.bin.index.json",
+        "rng_state.pth",
+    ]
+    assert select_files(sharded) == sharded[:4]
+    # Training pickles only when allowed; never beside safetensors.
+    assert "training_args.bin" in select_files(names, allow_pickle=True)
+    assert "optimizer.pt" in select_files(names, allow_pickle=True)
+    assert "pytorch_model.bin" not in select_files([*names, "model.safetensors"])
     assert "pytorch_model.bin" not in select_files([*names, "model.safetensors"], allow_pickle=True)
+    with pytest.raises(DownloadError, match="no weight files") as err:
+        select_files(["config.json", "training_args.bin"])
+    assert "--allow-pickle" in err.value.message
     with pytest.raises(DownloadError, match="no weight files"):
         select_files(["config.json"])
+
+
+def test_a_pickle_only_repository_downloads_with_a_note(hub: StandInHub, tiny_files: dict[str, bytes]) -> None:
+    files = {k: v for k, v in tiny_files.items() if not k.endswith(".safetensors")}
+    files["pytorch_model.bin"] = b"\x80\x04weights"
+    hub.add_repo("OpenGVLab/Pickled", files)
+    lines: list[str] = []
+    got = download([("huggingface", "OpenGVLab/Pickled")], notify=lines.append, progress=False)
+    assert "pytorch_model.bin" in got.files and "training_args.bin" not in got.files
+    assert (got.path / "pytorch_model.bin").read_bytes() == files["pytorch_model.bin"]
+    assert not (got.path / "training_args.bin").exists()
+    assert any("pickle weights only" in note and "weights_only=True" in note for note in got.notes)
+    assert any("pickle weights only" in line for line in lines)
 
 
 def test_download_command_end_to_end(hub: StandInHub, tiny_files: dict[str, bytes], tmp_path: Path) -> None:
@@ -230,7 +257,8 @@ def test_an_original_checkpoint_from_the_hub_is_converted_once_per_commit(
     assert code == 0, err
     assert "Converting" in err and json.loads(out)["completion_tokens"] == 3
     converted = cache_dir() / "converted" / "huggingface--OpenGVLab--Tiny-Original"
-    assert [p.name for p in converted.iterdir()] == [f"{first_commit}-v1"]
+    version = f"-v{CONVERTER_VERSION}"
+    assert [p.name for p in converted.iterdir()] == [f"{first_commit}{version}"]
     code, again, err = run_cli(*args)
     assert code == 0 and "Converting" not in err and json.loads(again)["answer"] == json.loads(out)["answer"]
     config = json.loads((original / "config.json").read_text())
@@ -238,7 +266,9 @@ def test_an_original_checkpoint_from_the_hub_is_converted_once_per_commit(
     second_commit = hub.add_repo("OpenGVLab/Tiny-Original", {**files, "config.json": json.dumps(config).encode()})
     code, _, err = run_cli(*args)
     assert code == 0 and "Converting" in err
-    assert sorted(p.name for p in converted.iterdir()) == sorted([f"{first_commit}-v1", f"{second_commit}-v1"])
+    assert sorted(p.name for p in converted.iterdir()) == sorted(
+        [f"{first_commit}{version}", f"{second_commit}{version}"]
+    )
 
 
 def test_chat_takes_the_hub_and_revision_flags_as_launch_does(
