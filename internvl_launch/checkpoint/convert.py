@@ -534,9 +534,15 @@ def _read_pickle(file: Path, *, allow_pickle: bool) -> dict[str, Any]:
                 hint="Download or copy the file again; nothing was written.",
             ) from err
         if not allow_pickle:
+            reason = _restricted_reason(err)
+            what = (
+                "holds objects other than tensors"
+                if "unsupported global" in reason.lower()
+                else "uses pickle features beyond tensors, or is corrupt"
+            )
             raise CheckpointError(
-                f"{file} holds objects other than tensors ({_first_line(err)}), which the safe loader "
-                "(torch.load with weights_only=True) refuses: unpickling them could run code.",
+                f"{file} {what} ({reason}), which the safe loader (torch.load with weights_only=True) "
+                "refuses: unpickling it could run code.",
                 hint="Use safetensors weights, or pass --allow-pickle if you trust where this file came from.",
             ) from err
         try:
@@ -556,6 +562,16 @@ def _read_pickle(file: Path, *, allow_pickle: bool) -> dict[str, Any]:
             hint="Point at a checkpoint whose pytorch_model*.bin files hold state dicts.",
         )
     return state
+
+
+def _restricted_reason(err: BaseException) -> str:
+    """What the restricted loader objected to, without its boilerplate."""
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].strip()
+        text = text.split("\n\n", 1)[0].split(" was not an allowed global", 1)[0].strip()
+    return _first_line(Exception(text))
 
 
 def _first_line(err: BaseException) -> str:
