@@ -33,6 +33,7 @@ LLMArch = Literal["qwen2", "internlm2", "llama", "phi3"]
 Hub = Literal["huggingface", "modelscope", "builtin", "local"]
 Layout = Literal["original", "native"]
 WeightFormat = Literal["safetensors", "pickle"]
+PixelShuffle = Literal["v1", "v2"]
 Ability = Literal["chat", "vision", "video"]
 
 #: Quantizations each format may list. On `pytorch`, `4-bit`/`8-bit` quantize
@@ -99,6 +100,9 @@ class Spec:
     #: How the repository stores its weights: `pickle` repositories ship only
     #: `pytorch_model*.bin` files, which are turned into safetensors once.
     weights: WeightFormat = "safetensors"
+    #: The original model's pixel shuffle: `v1` (InternVL 1.5) leaves each tile's
+    #: token grid transposed, which only the checkpoint's own code computes.
+    pixel_shuffle: PixelShuffle = "v2"
 
     @property
     def size_label(self) -> str:

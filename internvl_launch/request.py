@@ -46,6 +46,9 @@ class LaunchRequest:
     model_path: str | None = None
     #: Overrides the spec's (or the checkpoint's) conversation template.
     template: str | None = None
+    #: The user allows the checkpoint's own Python code (vLLM then serves an
+    #: original-layout checkpoint as it is, instead of a conversion).
+    trust_remote_code: bool = False
 
 
 def parse_size(text: str | float | int) -> float:

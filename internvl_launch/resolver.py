@@ -60,9 +60,13 @@ ENGINE_RULES: tuple[EngineRule, ...] = (
     EngineRule(
         "pytorch",
         "prequantized",
-        ("transformers",),
-        "a checkpoint saved already quantized with bitsandbytes loads in Transformers",
-        refused={"vllm": "vLLM does not load this bitsandbytes-saved InternVL checkpoint"},
+        (),
+        "a checkpoint saved already quantized with bitsandbytes (InternVL-Chat-V1-5-Int8) runs on no engine here",
+        refused={
+            "transformers": "the Transformers engine quantizes full-precision weights at load time; it does not "
+            "read weights saved already quantized by bitsandbytes",
+            "vllm": "vLLM does not load this bitsandbytes-saved InternVL checkpoint",
+        },
     ),
     EngineRule(
         "awq",
@@ -521,7 +525,7 @@ def resolve_plan(registry: Registry, request: LaunchRequest, env: Environment) -
         repo_id=repo_id,
         revision=revision,
         fallback=fallback,
-        needs_conversion=spec.layout == "original",
+        needs_conversion=spec.layout == "original" and not (engine == "vllm" and request.trust_remote_code),
         device=device,
         dtype=dtype,
         gpu_indices=gpu_indices,
@@ -532,14 +536,24 @@ def resolve_plan(registry: Registry, request: LaunchRequest, env: Environment) -
         max_model_len=max_len,
         context_length=family.context_length,
         provenance=provenance,
-        requirements=_requirements(spec, engine, device, mm_mode),
+        requirements=_requirements(spec, engine, device, mm_mode, request.trust_remote_code),
         mm_encoder_tp_mode=mm_mode,
     )
 
 
-def _requirements(spec: Spec, engine: str, device: str, mm_mode: str | None) -> tuple[Requirement, ...]:
+def _requirements(spec: Spec, engine: str, device: str, mm_mode: str | None, trust: bool) -> tuple[Requirement, ...]:
     """Everything the launch will need beyond the download, said up front."""
     out: list[Requirement] = []
+    served_as_is = spec.layout == "original" and engine == "vllm" and trust
+    if served_as_is:
+        out.append(
+            Requirement(
+                "remote_code",
+                "vLLM serves the original layout as it is, reading the checkpoint's configuration (and InternLM2 "
+                "tokenizer) code" + ("; pixel shuffle v1 needs it" if spec.pixel_shuffle == "v1" else ""),
+                "--trust-remote-code",
+            )
+        )
     if spec.weights == "pickle":
         out.append(
             Requirement(
@@ -549,7 +563,7 @@ def _requirements(spec: Spec, engine: str, device: str, mm_mode: str | None) -> 
                 "a file holding anything but tensors is refused (exit 12)",
             )
         )
-    if spec.layout == "original":
+    if spec.layout == "original" and not served_as_is:
         what = "AWQ tensors regrouped, kept 4-bit" if spec.format == "awq" else "weights renamed and split"
         out.append(
             Requirement(
@@ -595,13 +609,24 @@ def _capability_at_least(value: str | None, minimum: str) -> bool:
 
 
 def _engine_check(
-    engine: str, env: Environment, spec: Spec, quantization: str, device: str, explicit: bool
+    engine: str, env: Environment, spec: Spec, quantization: str, device: str, explicit: bool, trust: bool = False
 ) -> str | None:
     """None when `engine` can run this spec here, else the reason it cannot."""
     info = env.engine(engine)
     if not info.available:
         return info.reason or f"{engine} is not installed"
     kind = quant_kind(spec.format, quantization)
+    if spec.pixel_shuffle == "v1":
+        if engine == "transformers":
+            return (
+                "this checkpoint uses pixel shuffle v1 (InternVL 1.5), which Transformers' native InternVL does "
+                "not compute, and this engine runs no checkpoint code"
+            )
+        if not trust:
+            return (
+                "pixel shuffle v1 is computed only by InternVL's original model, which vLLM serves with the "
+                "checkpoint's own configuration code: pass --trust-remote-code"
+            )
     if engine == "vllm":
         if device == "cpu":
             if info.variant != "cpu":
@@ -636,10 +661,14 @@ def _choose_engine(
         if request.engine not in rule.engines:
             raise EngineUnavailableError(
                 f"Engine {request.engine} cannot run {spec.format} {quantization}: {rule.refused.get(request.engine, rule.why)}.",
-                hint=f"Use --model-engine {rule.engines[0]}, or pick another quantization (`internvl show`).",
+                hint=f"Use --model-engine {rule.engines[0]}, or pick another quantization (`internvl show`)."
+                if rule.engines
+                else _ways_out(rule, spec),
                 details={"engine": request.engine, "rule": rule.why},
             )
-        reason = _engine_check(request.engine, env, spec, quantization, device, explicit=True)
+        reason = _engine_check(
+            request.engine, env, spec, quantization, device, explicit=True, trust=request.trust_remote_code
+        )
         if reason:
             raise EngineUnavailableError(
                 f"Engine {request.engine} is not usable here: {reason}.",
@@ -651,7 +680,7 @@ def _choose_engine(
                 rejected[other] = f"--model-engine {request.engine} was asked for"
         return request.engine, rejected
     for engine in rule.engines:
-        reason = _engine_check(engine, env, spec, quantization, device, explicit=False)
+        reason = _engine_check(engine, env, spec, quantization, device, explicit=False, trust=request.trust_remote_code)
         if reason is None:
             for later in rule.engines[rule.engines.index(engine) + 1 :]:
                 rejected.setdefault(later, f"{engine} is preferred and usable")
@@ -659,7 +688,7 @@ def _choose_engine(
         rejected[engine] = reason
     raise EngineUnavailableError(
         f"No engine can run {spec.format} {quantization} here: "
-        + "; ".join(f"{e}: {rejected[e]}" for e in rule.engines)
+        + "; ".join(f"{e}: {rejected[e]}" for e in (rule.engines or tuple(rejected)))
         + ".",
         hint=_ways_out(rule, spec),
         details={"rejected": rejected},
@@ -667,12 +696,22 @@ def _choose_engine(
 
 
 def _ways_out(rule: EngineRule, spec: Spec) -> str:
+    if spec.pixel_shuffle == "v1" and rule.engines:
+        return (
+            "Serve it on vLLM with the checkpoint's own code (--model-engine vllm --trust-remote-code, on a CUDA "
+            "machine), or choose InternVL2 at the same size, whose checkpoints use pixel shuffle v2."
+        )
     if rule.quant_kind == "awq":
         return (
             "Install vLLM (pip install 'internvl-launch[vllm]', on a CUDA machine), "
             "or pick a pytorch spec with 4-bit: --model-format pytorch --quantization 4-bit."
         )
-    if rule.quant_kind in ("bitsandbytes", "prequantized"):
+    if rule.quant_kind == "prequantized":
+        return (
+            f"Quantize the full-precision checkpoint at load time instead (the same LLM.int8 method): "
+            f"--quantization 8-bit at --size-in-billions {spec.size_label}."
+        )
+    if rule.quant_kind == "bitsandbytes":
         return "Install the Transformers engine with bitsandbytes: pip install 'internvl-launch[transformers,quant]'."
     return "Install an engine: pip install 'internvl-launch[transformers]' (or vLLM on a CUDA machine)."
 
@@ -816,7 +855,13 @@ def _quantization_config(spec: Spec, quantization: str, dtype: str) -> dict[str,
     if kind == "none":
         return None
     if kind == "awq":
-        return {"method": "awq", "bits": 4, "modules_not_converted": ["vision_model", "mlp1"]}
+        # Names in the native layout the engines load (the converted checkpoint's config says the same).
+        return {
+            "method": "awq",
+            "bits": 4,
+            "group_size": 128,
+            "modules_not_converted": ["vision_tower", "multi_modal_projector", "lm_head"],
+        }
     compute = "float32" if dtype == "float32" else dtype
     if kind == "prequantized":
         return {"method": "bitsandbytes", "bits": 8, "prequantized": True}

@@ -25,13 +25,17 @@ def documented_engine(spec: Spec, quantization: str, env: Environment) -> str | 
     """The engine rules as README states them, written independently of the resolver."""
     gpu = bool(env.gpus)
     vllm_ok = env.engine("vllm").available and env.engine("vllm").variant == "cuda" and gpu
+    if spec.pixel_shuffle == "v1":
+        return None  # only vLLM with the checkpoint's own code, which these requests do not allow
     if spec.format == "awq":
         if vllm_ok:
             return "vllm"
         return "transformers" if env.has_package("gptqmodel") else None
     if quantization == "none":
         return "vllm" if vllm_ok else "transformers"
-    return "transformers"  # 4-bit, 8-bit, Int8: bitsandbytes in Transformers
+    if quantization == "Int8":
+        return None  # saved already quantized by bitsandbytes: no engine reads it
+    return "transformers"  # 4-bit, 8-bit: bitsandbytes in Transformers at load time
 
 
 @pytest.mark.parametrize("env_name", list(ENVIRONMENTS))
@@ -47,7 +51,12 @@ def test_every_spec_resolves_in_every_environment(family: Family, spec: Spec, qu
     if expected is None:
         with pytest.raises(EngineUnavailableError) as info:
             resolve_plan(REGISTRY, request, env)
-        assert "Install vLLM" in (info.value.hint or "") and "--quantization 4-bit" in (info.value.hint or "")
+        if quantization == "Int8":
+            assert "--quantization 8-bit at --size-in-billions 26" in (info.value.hint or "")
+        elif spec.pixel_shuffle == "v1":
+            assert "--trust-remote-code" in (info.value.hint or "") and "pixel shuffle v1" in str(info.value)
+        else:
+            assert "Install vLLM" in (info.value.hint or "") and "--quantization 4-bit" in (info.value.hint or "")
         return
     try:
         plan = resolve_plan(REGISTRY, request, env)
@@ -278,8 +287,10 @@ def test_hub_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (p.hub, p.fallback) == ("modelscope", (("huggingface", "OpenGVLab/InternVL2-8B"),))
     monkeypatch.setenv("INTERNVL_HUB", "modelscope")
     assert plan("1x80GB", model_name="internvl2", size=8).hub == "modelscope"
-    p = plan("1x80GB", model_name="internvl-chat", size=26, quantization="int8")
-    assert p.repo_id == "AI-ModelScope/InternVL-Chat-V1-5-Int8" and p.engine == "transformers"
+    int8 = next(s for s in REGISTRY.family("internvl-chat").specs if "Int8" in s.quantizations)
+    assert int8.repo_id("modelscope", "Int8") == "AI-ModelScope/InternVL-Chat-V1-5-Int8"
+    with pytest.raises(EngineUnavailableError, match="does not read weights saved already quantized"):
+        plan("1x80GB", model_name="internvl-chat", size=26, quantization="int8")
 
 
 def test_revision_and_max_model_len() -> None:
@@ -299,3 +310,19 @@ def test_missing_bitsandbytes_is_named() -> None:
         EngineUnavailableError, match=r"bitsandbytes is not installed \(pip install 'internvl-launch\[quant\]'\)"
     ):
         plan(env, model_name="internvl2", size=8, quantization="8-bit")
+
+
+def test_pixel_shuffle_v1_runs_only_with_the_checkpoints_code() -> None:
+    # InternVL 1.5: Transformers' native model computes pixel shuffle v2 only.
+    with pytest.raises(EngineUnavailableError, match="pixel shuffle v1") as info:
+        plan("no-gpu", model_name="internvl-chat", size=2)
+    assert "--trust-remote-code" in (info.value.hint or "")
+    with pytest.raises(EngineUnavailableError, match="pass --trust-remote-code"):
+        plan("1x80GB", model_name="internvl-chat", size=2, engine="vllm")
+    p = plan("1x80GB", model_name="internvl-chat", size=2, trust_remote_code=True)
+    assert p.engine == "vllm" and not p.needs_conversion
+    assert [r.kind for r in p.requirements] == ["remote_code"] and p.requirements[0].flag == "--trust-remote-code"
+    # An InternVL2 checkpoint with the same flag: served as is, said up front.
+    p = plan("1x80GB", model_name="internvl2", size=2, trust_remote_code=True)
+    assert p.engine == "vllm" and not p.needs_conversion and p.requirements[0].kind == "remote_code"
+    assert plan("1x80GB", model_name="internvl2", size=2).needs_conversion

@@ -13,7 +13,11 @@ from internvl_launch.cli._output import emit_json, note
 @click.argument("destination", type=click.Path())
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty DESTINATION (only once the new one is complete).")
 @click.option("--no-verify", is_flag=True, help="Skip loading the result and running one forward pass.")
-@click.option("--allow-pickle", is_flag=True, help="Read pickle (*.bin) weights when there are no safetensors.")
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Also read pickle weights that hold more than tensors, with the full unpickler (runs code).",
+)
 @click.option(
     "--dtype",
     type=click.Choice(["bfloat16", "float16", "float32"]),

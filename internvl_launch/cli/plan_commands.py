@@ -32,6 +32,7 @@ def request_from_flags(flags: dict[str, Any]) -> LaunchRequest:
         gpus=flags["gpus"],
         max_model_len=flags["max_model_len"],
         memory_check=not flags["no_memory_check"],
+        trust_remote_code=bool(flags.get("trust_remote_code")),
     )
 
 
@@ -65,6 +66,8 @@ def render_plan(plan: LaunchPlan, env: Environment, explain: bool) -> None:
     place = "cpu" if plan.device == "cpu" else f"cuda, GPU {', '.join(map(str, plan.gpu_indices))}"
     if plan.tensor_parallel_size > 1:
         place += f", tensor parallel {plan.tensor_parallel_size}"
+        if plan.mm_encoder_tp_mode:
+            place += f" (vision encoder {plan.mm_encoder_tp_mode}-parallel)"
     if plan.device_map == "split":
         place += ", layers split across GPUs (device map)"
     echo(f"device     {place}; dtype {plan.dtype}")
@@ -79,6 +82,8 @@ def render_plan(plan: LaunchPlan, env: Environment, explain: bool) -> None:
         f"{m.per_device:.1f} GiB per device; {avail}" + ("" if m.fits else "  (DOES NOT FIT)")
     )
     echo(f"context    {plan.max_model_len} tokens; up to {s.max_tiles} tiles per image; stop {', '.join(s.stop)}")
+    for need in plan.requirements:
+        echo(f"needs      {need.kind}: {need.detail}" + (f" [{need.flag}]" if need.flag else ""))
     if plan.provenance:
         width = max(len(k) for k in plan.provenance)
         echo("from")
@@ -115,6 +120,7 @@ def _plan_json(plan: LaunchPlan, env: Environment, explain: bool) -> dict[str, A
 @model_options
 @json_option
 @click.option("--explain", is_flag=True, help="Say why each choice was made, and why not each other engine.")
+@click.option("--trust-remote-code", is_flag=True, help="Plan as a launch that allows the checkpoint's own code would.")
 def resolve_command(as_json: bool, explain: bool, **flags: Any) -> None:
     """Print the launch plan without downloading or loading anything."""
     plan, env = plan_from_flags(flags)

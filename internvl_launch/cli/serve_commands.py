@@ -156,7 +156,10 @@ def serve_options(f: Any) -> Any:
         ),
         click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code (opt-in)."),
         click.option(
-            "--allow-pickle", is_flag=True, help="Allow pickle (*.bin) weights when there are no safetensors."
+            "--allow-pickle",
+            is_flag=True,
+            help="Also fetch other pickles (*.pt, *.ckpt) and read pickle weights that hold more than tensors "
+            "(the full unpickler runs code); tensor-only pytorch_model*.bin weights need no flag.",
         ),
         click.option(
             "--config",
@@ -310,7 +313,11 @@ def stop_command(name: str | None, everything: bool, timeout: float, as_json: bo
 @model_options
 @json_option
 @click.option("--trust-remote-code", is_flag=True, help="Also fetch the repository's Python files.")
-@click.option("--allow-pickle", is_flag=True, help="Fetch pickle (*.bin) weights when there are no safetensors.")
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Also fetch other pickles (*.pt, *.ckpt); tensor-only pytorch_model*.bin weights need no flag.",
+)
 def download_command(as_json: bool, trust_remote_code: bool, allow_pickle: bool, **flags: Any) -> None:
     """Fetch a model's weights into the hub cache (for CI and offline use)."""
     from internvl_launch.weights import fetch_weights
