@@ -69,9 +69,13 @@ def make_env(
 #: The fake machines every spec is resolved on.
 ENVIRONMENTS: dict[str, Environment] = {
     "no-gpu": make_env([], vllm=None),
-    "1x24GB": make_env([("NVIDIA GeForce RTX 4090", 24)]),
+    "1x24GB": make_env([("NVIDIA GeForce RTX 4090", 24)], compute="8.9"),
     "1x80GB": make_env([("NVIDIA H100 80GB HBM3", 80)]),
+    "2x24GB": make_env([("NVIDIA GeForce RTX 4090", 24)] * 2, compute="8.9"),
+    "4x80GB": make_env([("NVIDIA A100-SXM4-80GB", 80)] * 4, compute="8.0"),
     "8x80GB": make_env([("NVIDIA H100 80GB HBM3", 80)] * 8),
+    # Volta: no bfloat16, and below vLLM's AWQ kernels' compute capability 7.5.
+    "1xV100-32GB": make_env([("Tesla V100-SXM2-32GB", 32)], compute="7.0"),
 }
 
 

@@ -28,7 +28,7 @@ def documented_engine(spec: Spec, quantization: str, env: Environment) -> str | 
     if spec.pixel_shuffle == "v1":
         return None  # only vLLM with the checkpoint's own code, which these requests do not allow
     if spec.format == "awq":
-        if vllm_ok:
+        if vllm_ok and all(float(g.compute_capability or 0) >= 7.5 for g in env.gpus):
             return "vllm"
         return "transformers" if env.has_package("gptqmodel") else None
     if quantization == "none":
@@ -69,8 +69,20 @@ def test_every_spec_resolves_in_every_environment(family: Family, spec: Spec, qu
     assert plan.spec == spec and plan.quantization == quantization
     assert plan.memory.fits
     assert plan.device == ("cuda" if env.gpus else "cpu")
+    if plan.device == "cuda":
+        assert plan.dtype == (
+            "float16" if env_name == "1xV100-32GB" or spec.format == "awq" and plan.engine == "vllm" else "bfloat16"
+        )
     if plan.engine == "vllm":
-        assert spec.llm.attention_heads % plan.tensor_parallel_size == 0
+        tp, kv = plan.tensor_parallel_size, spec.llm.kv_heads
+        assert spec.llm.attention_heads % tp == 0
+        assert (kv % tp == 0) if tp <= kv else (tp % kv == 0), "vLLM shards or replicates the key/value heads"
+        vision_splits = spec.vision.heads is not None and spec.vision.heads % tp == 0
+        assert plan.mm_encoder_tp_mode == (None if tp == 1 or vision_splits else "data")
+    assert plan.memory.per_device <= min(g.memory_free_mib for g in env.gpus) / 1024 if env.gpus else True
+    if (plan.quantization in ("4-bit", "8-bit") or spec.format == "awq") and spec.llm.hidden_size:
+        # What stays in 16-bit: the embeddings and the head.
+        assert plan.memory.llm_weights * 2**30 > 2 * spec.llm.hidden_size * spec.llm.vocab_size  # type: ignore[operator]
     if (
         plan.quantization_config
         and plan.quantization_config["method"] == "bitsandbytes"

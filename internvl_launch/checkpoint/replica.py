@@ -320,6 +320,11 @@ def generate_replica(repo_id: str, directory: str | os.PathLike[str], *, seed: i
     from internvl_launch.prompt.templates import TEMPLATES
 
     facts = load_facts()[repo_id]
+    if facts.quantization and facts.quantization.get("quant_method") != "awq":
+        raise ValueError(
+            f"{repo_id} is saved already quantized by {facts.quantization.get('quant_method')}, which no engine "
+            "here reads (the plan refuses it before any download); its replica is not generated."
+        )
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     dims = tiny_dimensions(facts)
