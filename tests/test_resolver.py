@@ -71,7 +71,7 @@ def test_every_spec_resolves_in_every_environment(family: Family, spec: Spec, qu
     assert plan.device == ("cuda" if env.gpus else "cpu")
     if plan.device == "cuda":
         assert plan.dtype == (
-            "float16" if env_name == "1xV100-32GB" or spec.format == "awq" and plan.engine == "vllm" else "bfloat16"
+            "float16" if env_name == "1xV100-32GB" or (spec.format == "awq" and plan.engine == "vllm") else "bfloat16"
         )
     if plan.engine == "vllm":
         tp, kv = plan.tensor_parallel_size, spec.llm.kv_heads
