@@ -65,6 +65,9 @@ class Backbone:
     hidden_size: int | None = None
     vocab_size: int | None = None
     tie_word_embeddings: bool = False
+    #: The language model's own context (its config's max_position_embeddings):
+    #: a launch never plans beyond it, whatever the family's context length.
+    max_position_embeddings: int | None = None
 
 
 @dataclass(frozen=True)
@@ -392,7 +395,7 @@ def semantic_issues(family: Family) -> list[tuple[tuple[str | int, ...], str]]:
             out.append(((*at, "llm"), "layers, attention_heads, kv_heads and head_dim must be positive"))
         elif llm.attention_heads % llm.kv_heads:
             out.append(((*at, "llm", "kv_heads"), "must divide attention_heads"))
-        for name in ("hidden_size", "vocab_size"):
+        for name in ("hidden_size", "vocab_size", "max_position_embeddings"):
             value = getattr(llm, name)
             if value is not None and value <= 0:
                 out.append(((*at, "llm", name), "must be positive"))

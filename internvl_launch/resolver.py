@@ -500,9 +500,15 @@ def resolve_plan(registry: Registry, request: LaunchRequest, env: Environment) -
     reasons.append(f"engine: {engine}" + (" (asked for)" if request.engine else ""))
 
     dtype = _dtype(device, engine, spec, cuda_gpus)
-    max_len = min(request.max_model_len or family.context_length, family.context_length)
-    if request.max_model_len and request.max_model_len > family.context_length:
-        reasons.append(f"max model length capped at the family's context length, {family.context_length}")
+    context = min(family.context_length, spec.llm.max_position_embeddings or family.context_length)
+    max_len = min(request.max_model_len or context, context)
+    if context < family.context_length:
+        reasons.append(
+            f"context: {context} tokens, the language model's own limit ({spec.llm.name}'s max_position_embeddings), "
+            f"below the family's {family.context_length}"
+        )
+    if request.max_model_len and request.max_model_len > context:
+        reasons.append(f"max model length capped at the context length, {context}")
 
     gpu_indices, tp, device_map, memory = _place(spec, quantization, dtype, max_len, engine, device, request, env)
     hub, repo_id, fallback = _choose_hub(spec, quantization, request)
@@ -534,7 +540,7 @@ def resolve_plan(registry: Registry, request: LaunchRequest, env: Environment) -
         quantization_config=_quantization_config(spec, quantization, dtype),
         memory=memory,
         max_model_len=max_len,
-        context_length=family.context_length,
+        context_length=context,
         provenance=provenance,
         requirements=_requirements(spec, engine, device, mm_mode, request.trust_remote_code),
         mm_encoder_tp_mode=mm_mode,

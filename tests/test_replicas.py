@@ -177,6 +177,7 @@ def test_registry_figures_match_the_real_repository(family: Family, spec: Spec) 
     llm = facts.llm
     assert (spec.llm.attention_heads, spec.llm.kv_heads) == (llm["num_attention_heads"], llm["num_key_value_heads"])
     assert spec.llm.hidden_size == llm["hidden_size"] and spec.llm.vocab_size == llm["vocab_size"]
+    assert spec.llm.max_position_embeddings == llm["max_position_embeddings"]
     assert spec.vision.heads == facts.vision["num_attention_heads"]
     assert spec.template == facts.config["template"]
     assert spec.max_tiles == facts.config["max_dynamic_patch"]

@@ -338,3 +338,12 @@ def test_pixel_shuffle_v1_runs_only_with_the_checkpoints_code() -> None:
     p = plan("1x80GB", model_name="internvl2", size=2, trust_remote_code=True)
     assert p.engine == "vllm" and not p.needs_conversion and p.requirements[0].kind == "remote_code"
     assert plan("1x80GB", model_name="internvl2", size=2).needs_conversion
+
+
+def test_context_never_exceeds_the_language_models_own() -> None:
+    # InternVL2-40B's Yi-34B reads 4096 positions, Llama3-76B's 8192: vLLM refuses a longer --max-model-len.
+    p = plan("8x80GB", model_name="internvl2", size=40)
+    assert p.max_model_len == p.context_length == 4096 and p.memory.kv_tokens == 4096
+    assert any("Nous-Hermes-2-Yi-34B's max_position_embeddings" in r for r in p.reasons)
+    assert plan("8x80GB", model_name="internvl2", size=76, max_model_len=20000).max_model_len == 8192
+    assert plan("8x80GB", model_name="internvl2", size=8).max_model_len == 32768

@@ -36,12 +36,13 @@ from internvl_launch.checkpoint.tiny_original import (
 )
 
 #: Bump when generated replicas change: it moves their cache key.
-REPLICA_VERSION = 1
+REPLICA_VERSION = 2
 FACTS_FILE = Path(__file__).with_name("replica_repos.yaml")
 
-#: Tiny widths: the head counts stay real, each head is narrow. A head width
-#: that is a multiple of 8 keeps AWQ's packed columns inside one head, and a
-#: hidden size that is a multiple of 128 fits AWQ's group size.
+#: Tiny widths: the head counts stay real, each head is narrow. The language
+#: model's head width is one vLLM's CPU attention supports (32 at least) and a
+#: multiple of 8, so AWQ's packed columns stay inside one head, with a hidden
+#: size that AWQ's 128-wide groups divide.
 VISION_HEAD_DIM = 4
 TEXT_INTERMEDIATE = 256
 VISION_INTERMEDIATE = 128
@@ -112,13 +113,14 @@ def load_facts(path: str | None = None) -> dict[str, RepoFacts]:
     return out
 
 
-def text_head_dim(heads: int, *, minimum: int = 8) -> int:
-    """The narrowest head width (a multiple of 8) for which `heads` heads make
-    a hidden size that AWQ's 128-wide groups divide."""
-    width = minimum
-    while (heads * width) % 128:
-        width += 8
-    return width
+#: Head widths vLLM's CPU attention accepts (vllm/v1/attention/backends/cpu_attn.py, 0.32).
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128)
+
+
+def text_head_dim(heads: int) -> int:
+    """The narrowest head width vLLM's CPU attention accepts for which `heads`
+    heads make a hidden size that AWQ's 128-wide groups divide."""
+    return next(width for width in VLLM_CPU_HEAD_DIMS if (heads * width) % 128 == 0)
 
 
 def tiny_dimensions(facts: RepoFacts) -> TinyOriginalConfig:
