@@ -4,7 +4,10 @@ vLLM-cpu column, tests/test_replicas_vllm.py)."""
 
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
+from typing import Any
 
 from internvl_launch.registry import Family, Registry, Spec
 
@@ -78,6 +81,17 @@ def reason(err: BaseException | None) -> str:
         return "AWQ runs on vLLM, or Transformers with gptqmodel (not installed)"
     if "pixel shuffle v1" in text:
         return "pixel shuffle v1 (InternVL 1.5) runs only with the checkpoint's own code (--trust-remote-code on vLLM)"
-    if "saved already quantized by bitsandbytes" in text:
+    if "saved already quantized by bitsandbytes" in text or "bitsandbytes-saved" in text:
         return "saved by bitsandbytes, which no engine reads; `-q 8-bit` quantizes at load time"
     return text.splitlines()[0][:120] if text else "refused"
+
+
+def image_chat(width: int, height: int) -> list[dict[str, Any]]:
+    """One user message: a plain PNG of `width` x `height` and a question."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (30, 120, 200)).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe."}]
+    return [{"role": "user", "content": content}]

