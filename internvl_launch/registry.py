@@ -25,11 +25,11 @@ from internvl_launch.errors import InvalidSpecError, SpecIssue, UnknownModelErro
 from internvl_launch.paths import cache_dir, user_specs_dir
 
 # Bump when the dataclasses below change shape: it invalidates cached registries.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 Format = Literal["pytorch", "awq"]
 Template = Literal["Hermes-2", "internlm2-chat", "phi3-chat", "internvl2_5"]
-LLMArch = Literal["qwen2", "internlm2", "llama", "phi3"]
+LLMArch = Literal["qwen2", "internlm2", "llama", "phi3", "qwen3", "qwen3_moe", "gpt_oss"]
 Hub = Literal["huggingface", "modelscope", "builtin", "local"]
 Layout = Literal["original", "native"]
 WeightFormat = Literal["safetensors", "pickle"]
@@ -106,6 +106,12 @@ class Spec:
     #: The original model's pixel shuffle: `v1` (InternVL 1.5) leaves each tile's
     #: token grid transposed, which only the checkpoint's own code computes.
     pixel_shuffle: PixelShuffle = "v2"
+    #: Native-layout twins of the original repositories (OpenGVLab's `-hf`/`-HF`
+    #: repositories): preferred when present, since they need no conversion.
+    native_hubs: dict[Hub, str] = field(default_factory=dict)
+    #: The model has a thinking mode (InternVL3.5: a reasoning system prompt,
+    #: reasoning between <think> tags).
+    thinking: bool = False
 
     @property
     def size_label(self) -> str:
@@ -390,6 +396,15 @@ def semantic_issues(family: Family) -> list[tuple[tuple[str | int, ...], str]]:
                 out.append(((*at, "hubs"), "a local spec has no other hubs"))
             if not (where.startswith(("/", "~")) or re.match(r"[A-Za-z]:[\\/]", where)):
                 out.append(((*at, "hubs", "local"), "give an absolute path (or one starting with ~)"))
+        for hub in spec.native_hubs:
+            if hub not in ("huggingface", "modelscope"):
+                out.append(
+                    ((*at, "native_hubs"), f"{hub!r}: native twins are hub repositories (huggingface, modelscope)")
+                )
+        if spec.native_hubs and spec.layout != "original":
+            out.append(((*at, "native_hubs"), "only an original-layout spec has native twins"))
+        if spec.native_hubs and spec.format != "pytorch":
+            out.append(((*at, "native_hubs"), "OpenGVLab's native twins are full-precision (format pytorch)"))
         llm = spec.llm
         if min(llm.layers, llm.attention_heads, llm.kv_heads, llm.head_dim) <= 0:
             out.append(((*at, "llm"), "layers, attention_heads, kv_heads and head_dim must be positive"))

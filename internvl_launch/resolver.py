@@ -511,8 +511,17 @@ def resolve_plan(registry: Registry, request: LaunchRequest, env: Environment) -
         reasons.append(f"max model length capped at the context length, {context}")
 
     gpu_indices, tp, device_map, memory = _place(spec, quantization, dtype, max_len, engine, device, request, env)
-    hub, repo_id, fallback = _choose_hub(spec, quantization, request)
+    native_twin = (
+        bool(spec.native_hubs) and not request.model_path and not (engine == "vllm" and request.trust_remote_code)
+    )
+    hub, repo_id, fallback = _choose_hub(spec, quantization, request, native=native_twin)
     revision = request.revision or spec.revision
+    if native_twin and repo_id in spec.native_hubs.values():
+        reasons.append(
+            f"weights: {repo_id}, OpenGVLab's native-layout twin of {spec.repo_id(hub, quantization)}: "
+            "no conversion (the original stays the fallback)"
+        )
+        spec = replace(spec, layout="native")
     mm_mode = "data" if engine == "vllm" and vision_split_needs_data_mode(spec, tp) else None
     if mm_mode:
         reasons.append(
@@ -588,6 +597,14 @@ def _requirements(spec: Spec, engine: str, device: str, mm_mode: str | None, tru
             )
         else:
             out.append(Requirement("vllm_flag", "vLLM's CPU AWQ kernel takes 16-bit activations", "--dtype bfloat16"))
+    if engine == "vllm" and spec.llm.arch not in VLLM_VIDEO_ARCHS:
+        out.append(
+            Requirement(
+                "limit",
+                f"no video: vLLM takes InternVL video only with Qwen-family and GPT-OSS language models, "
+                f"not {spec.llm.name} ({spec.llm.arch}); images only",
+            )
+        )
     if mm_mode:
         out.append(
             Requirement(
@@ -598,6 +615,9 @@ def _requirements(spec: Spec, engine: str, device: str, mm_mode: str | None, tru
         )
     return tuple(out)
 
+
+#: Language models with which vLLM's InternVL takes video (its internvl.py keys video on the LLM type).
+VLLM_VIDEO_ARCHS = ("qwen2", "qwen3", "qwen3_moe", "gpt_oss")
 
 #: vLLM's AWQ kernels (AutoAWQConfig.get_min_capability in vLLM 0.32: 75).
 AWQ_MIN_CAPABILITY = "7.5"
@@ -836,7 +856,11 @@ def _smaller_hint(spec: Spec, quantization: str) -> str:
     return "Try a smaller --size-in-billions."
 
 
-def _choose_hub(spec: Spec, quantization: str, request: LaunchRequest) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+def _choose_hub(
+    spec: Spec, quantization: str, request: LaunchRequest, *, native: bool = False
+) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+    """The hub and repository to fetch, and the ones to fall back to in order:
+    with `native`, the native-layout twins first, then the original repositories."""
     if request.model_path:
         return "local", str(request.model_path), ()
     if "local" in spec.hubs:
@@ -852,8 +876,11 @@ def _choose_hub(spec: Spec, quantization: str, request: LaunchRequest) -> tuple[
                 hint=f"It is on: {', '.join(order)}. Pass --hub {order[0]}.",
             )
         order = [wanted] + [h for h in order if h != wanted]
-    fallback = tuple((h, spec.repo_id(h, quantization)) for h in order[1:])
-    return order[0], spec.repo_id(order[0], quantization), fallback
+    sources = [(h, spec.repo_id(h, quantization)) for h in order]
+    if native:
+        sources = [(h, spec.native_hubs[h]) for h in order if h in spec.native_hubs] + sources  # type: ignore[index]
+    (hub, repo), *rest = sources
+    return hub, repo, tuple(rest)
 
 
 def _quantization_config(spec: Spec, quantization: str, dtype: str) -> dict[str, Any] | None:

@@ -333,7 +333,10 @@ def test_pixel_shuffle_v1_runs_only_with_the_checkpoints_code() -> None:
         plan("1x80GB", model_name="internvl-chat", size=2, engine="vllm")
     p = plan("1x80GB", model_name="internvl-chat", size=2, trust_remote_code=True)
     assert p.engine == "vllm" and not p.needs_conversion
-    assert [r.kind for r in p.requirements] == ["remote_code"] and p.requirements[0].flag == "--trust-remote-code"
+    assert [r.kind for r in p.requirements] == ["remote_code", "limit"] and p.requirements[
+        0
+    ].flag == "--trust-remote-code"
+    assert "no video" in p.requirements[1].detail and "internlm2" in p.requirements[1].detail
     # An InternVL2 checkpoint with the same flag: served as is, said up front.
     p = plan("1x80GB", model_name="internvl2", size=2, trust_remote_code=True)
     assert p.engine == "vllm" and not p.needs_conversion and p.requirements[0].kind == "remote_code"
@@ -347,3 +350,29 @@ def test_context_never_exceeds_the_language_models_own() -> None:
     assert any("Nous-Hermes-2-Yi-34B's max_position_embeddings" in r for r in p.reasons)
     assert plan("8x80GB", model_name="internvl2", size=76, max_model_len=20000).max_model_len == 8192
     assert plan("8x80GB", model_name="internvl2", size=8).max_model_len == 32768
+
+
+def test_a_native_twin_is_preferred_and_needs_no_conversion() -> None:
+    from dataclasses import replace
+
+    from internvl_launch.registry import Registry
+
+    family = REGISTRY.family("internvl3")
+    twinned = tuple(
+        replace(s, native_hubs={"huggingface": s.hubs["huggingface"] + "-hf"}) if s.format == "pytorch" else s
+        for s in family.specs
+    )
+    registry = Registry((replace(family, specs=twinned),))
+    p = resolve_plan(registry, LaunchRequest("internvl3", size=8), ENVIRONMENTS["1x80GB"])
+    assert (p.repo_id, p.needs_conversion, p.spec.layout) == ("OpenGVLab/InternVL3-8B-hf", False, "native")
+    assert p.fallback[-2:] == (("huggingface", "OpenGVLab/InternVL3-8B"), ("modelscope", "OpenGVLab/InternVL3-8B"))
+    assert any("native-layout twin" in r for r in p.reasons)
+    assert not any(r.kind == "conversion" for r in p.requirements)
+    # vLLM with the checkpoint's own code asked for serves the original as it is.
+    p = resolve_plan(registry, LaunchRequest("internvl3", size=8, trust_remote_code=True), ENVIRONMENTS["1x80GB"])
+    assert p.repo_id == "OpenGVLab/InternVL3-8B" and p.engine == "vllm" and not p.needs_conversion
+    # AWQ exports have no twin.
+    awq = resolve_plan(registry, LaunchRequest("internvl3", size=8, format="awq"), ENVIRONMENTS["1x80GB"])
+    assert awq.repo_id == "OpenGVLab/InternVL3-8B-AWQ" and awq.needs_conversion
+    # Video on vLLM: Qwen backbones yes (no limit), InternLM2 no.
+    assert not any(r.kind == "limit" for r in p.requirements)

@@ -28,7 +28,7 @@ from typing import Any
 from internvl_launch.errors import LaunchError
 from internvl_launch.launcher.serve import ServeOptions, announce, new_record, ready_event, url_for
 from internvl_launch.launcher.state import logs_dir, remove_record, write_record
-from internvl_launch.resolver import LaunchPlan
+from internvl_launch.resolver import VLLM_VIDEO_ARCHS, LaunchPlan
 from internvl_launch.weights import checkpoint_layout
 
 #: Flags we set from the plan; passing them again after `--` is refused.
@@ -86,7 +86,7 @@ def vllm_command(plan: LaunchPlan, weights: Path, options: ServeOptions, port: i
     if plan.mm_encoder_tp_mode and "--mm-encoder-tp-mode" not in passed:
         # The vision tower's heads do not divide the tensor-parallel size.
         command += ["--mm-encoder-tp-mode", plan.mm_encoder_tp_mode]
-    video = spec.llm.arch.startswith("qwen")  # vLLM takes InternVL video only with a Qwen backbone
+    video = spec.llm.arch in VLLM_VIDEO_ARCHS  # vLLM takes InternVL video only with these language models
     command += ["--limit-mm-per-prompt", json.dumps({"image": options.max_images, "video": 1 if video else 0})]
     # Native checkpoints tile through Transformers' processor (max_patches);
     # original ones through vLLM's own InternVL code (max_dynamic_patch). What
