@@ -39,6 +39,15 @@ def test_replica_has_the_structure_of_its_repository(repo_id: str, tmp_path: Pat
         return
     out = generate_replica(repo_id, tmp_path / "r")
     files = {p.name for p in out.iterdir()}
+    if facts.layout == "native":
+        # A -hf twin: Transformers' layout, no remote code, processor files beside the weights.
+        config = json.loads((out / "config.json").read_text())
+        assert config["architectures"] == ["InternVLForConditionalGeneration"]
+        assert config["text_config"]["num_attention_heads"] == facts.llm["num_attention_heads"]
+        assert config["vision_config"]["num_attention_heads"] == facts.vision["num_attention_heads"]
+        assert {"tokenizer.json", "preprocessor_config.json"} <= files and not [f for f in files if f.endswith(".py")]
+        assert any(f.endswith(".safetensors") for f in files)
+        return
     # Weights: format, shard count, index.
     stem, ext = ("pytorch_model", "bin") if facts.weights == "pickle" else ("model", "safetensors")
     shards = sorted(f for f in files if f.endswith("." + ext))

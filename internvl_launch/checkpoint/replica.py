@@ -66,6 +66,8 @@ class RepoFacts:
     vision: dict[str, Any]
     quantization: dict[str, Any] | None = None
     extra_files: tuple[str, ...] = ()
+    #: `native` for OpenGVLab's -hf/-HF twins (InternVLForConditionalGeneration).
+    layout: str = "original"
     sources: dict[str, str] = field(default_factory=dict)
 
 
@@ -108,6 +110,7 @@ def load_facts(path: str | None = None) -> dict[str, RepoFacts]:
             vision=dict(e.get("vision", {})),
             quantization=e.get("quantization"),
             extra_files=tuple(e["tokenizer"].get("files", ())) + tuple(e.get("extra_files", ())),
+            layout=str(e.get("layout", "original")),
             sources=dict(e.get("sources", {})),
         )
     return out
@@ -319,8 +322,6 @@ def _config(facts: RepoFacts, dims: TinyOriginalConfig, vocab: int, eos: int, pa
 
 def generate_replica(repo_id: str, directory: str | os.PathLike[str], *, seed: int = 0) -> Path:
     """Write the replica of `repo_id` (a Hugging Face id from the facts file) to `directory`."""
-    from internvl_launch.prompt.templates import TEMPLATES
-
     facts = load_facts()[repo_id]
     if facts.quantization and facts.quantization.get("quant_method") != "awq":
         raise ValueError(
@@ -328,6 +329,15 @@ def generate_replica(repo_id: str, directory: str | os.PathLike[str], *, seed: i
             "here reads (the plan refuses it before any download); its replica is not generated."
         )
     out = Path(directory)
+    if facts.layout == "native":
+        return _native_replica(facts, out, seed)
+    return _write_original(facts, out, seed)
+
+
+def _write_original(facts: RepoFacts, out: Path, seed: int) -> Path:
+    from internvl_launch.prompt.templates import TEMPLATES
+
+    repo_id = facts.repo_id
     out.mkdir(parents=True, exist_ok=True)
     dims = tiny_dimensions(facts)
     template = str(facts.config.get("template") or ("phi3-chat" if facts.backbone == "phi3" else "internlm2-chat"))
@@ -344,6 +354,25 @@ def generate_replica(repo_id: str, directory: str | os.PathLike[str], *, seed: i
     for name in facts.extra_files:
         if not (out / name).exists():
             (out / name).write_text("{}\n" if name.endswith(".json") else "")
+    return out
+
+
+def _native_replica(facts: RepoFacts, out: Path, seed: int) -> Path:
+    """A native-layout twin: the original replica converted to Transformers'
+    layout (OpenGVLab made its -hf repositories with Transformers' own
+    converter; the structure that matters to the engines - architecture,
+    config, tensor names, processor files - is the same)."""
+    import tempfile
+    from dataclasses import replace
+
+    from internvl_launch.checkpoint.convert import convert
+
+    with tempfile.TemporaryDirectory() as tmp:
+        original = replace(facts, layout="original", repo_id=facts.repo_id + " (original)")
+        source = Path(tmp) / "original"
+        _write_original(original, source, seed)
+        convert(source, out, verify=False, overwrite=True)
+    (out / "internvl_launch_conversion.json").unlink(missing_ok=True)
     return out
 
 
