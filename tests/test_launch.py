@@ -56,6 +56,31 @@ def test_detach_ps_stop(tmp_path: Path, cache: Path) -> None:
     assert missing.returncode == 11 and "No running server matches" in missing.stderr
 
 
+def test_detached_child_keeps_its_own_flags_before_the_vllm_passthrough(tmp_path: Path, cache: Path) -> None:
+    from internvl_launch.launcher.detach import detached_command
+
+    command = detached_command(["launch", "-n", "x", "--", "--enforce-eager"], Path("r.json"), Path("l.log"))
+    assert command[3:] == [
+        "launch",
+        "-n",
+        "x",
+        "--ready-file",
+        "r.json",
+        "--log-file",
+        "l.log",
+        "--",
+        "--enforce-eager",
+    ]
+    # For real: before, the child's --ready-file went to the engine after `--`, so the parent waited forever.
+    env = server_env(cache, tmp_path)
+    args = ("launch", "-n", "internvl-tiny", "--port", "0", "--detach", "--json", "--start-timeout", "60")
+    started = internvl(env, *args, "--", "--enforce-eager")
+    assert started.returncode == 0, started.stderr
+    ready = json.loads(started.stdout)
+    assert internvl(env, "stop", str(ready["pid"]), "--json").returncode == 0
+    assert gone(ready["pid"])
+
+
 def test_foreground_prints_one_ready_line_and_drains_on_sigterm(tmp_path: Path, cache: Path) -> None:
     with running_server(tmp_path / "fg", cache) as server:
         lines = [ln for ln in server.log_text().splitlines() if ln.startswith("{")]

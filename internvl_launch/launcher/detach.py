@@ -35,6 +35,15 @@ def tail(path: Path, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def detached_command(args: list[str], ready_file: Path, log_path: Path) -> list[str]:
+    """The child's command line: the launch's own flags, then the child's
+    ready and log files, then whatever followed `--` (for vLLM), which must
+    stay last: after `--` everything is vLLM's."""
+    split = args.index("--") if "--" in args else len(args)
+    own = ["--ready-file", str(ready_file), "--log-file", str(log_path)]
+    return [sys.executable, "-m", "internvl_launch", *args[:split], *own, *args[split:]]
+
+
 def spawn_detached(args: list[str], *, name: str, start_timeout: float) -> dict[str, Any]:
     """Run `internvl ARGS` in the background; return its ready JSON."""
     directory = logs_dir()
@@ -45,16 +54,7 @@ def spawn_detached(args: list[str], *, name: str, start_timeout: float) -> dict[
     os.close(fd)
     ready_file = Path(ready_name)
     ready_file.unlink()
-    command = [
-        sys.executable,
-        "-m",
-        "internvl_launch",
-        *args,
-        "--ready-file",
-        str(ready_file),
-        "--log-file",
-        str(log_path),
-    ]
+    command = detached_command(args, ready_file, log_path)
     with log_path.open("ab") as log:
         child = subprocess.Popen(
             command,
