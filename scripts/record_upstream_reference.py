@@ -9,7 +9,8 @@ this project's environment; nothing of upstream's is in this repository).
         --internvl-src INTERNVL/internvl_chat --out OUT_DIR
 
 Writes OUT_DIR/upstream_logits.json (logits of InternVLChatModel on the tiny
-original-layout checkpoints, one per backbone) and
+original-layout checkpoints: one per backbone with pixel shuffle v2, and
+InternLM2 with pixel shuffle v1) and
 OUT_DIR/internlm2_tokenizer_reference.json (InternLM2Tokenizer on the tiny
 sentencepiece models in tests/data/internlm2_tokenizer). The tests compare
 the converted checkpoints and tokenizers against these files.
@@ -24,7 +25,16 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-BACKBONES = {"qwen2": "300m", "internlm2": "300m", "llama": "6b", "phi3": "300m"}
+#: The recorded checkpoints: their name in upstream_logits.json and the
+#: TinyOriginalConfig settings they are generated with.
+CASES: dict[str, dict] = {
+    "qwen2": {"backbone": "qwen2", "vision_style": "300m"},
+    "internlm2": {"backbone": "internlm2", "vision_style": "300m"},
+    "llama": {"backbone": "llama", "vision_style": "6b"},
+    "phi3": {"backbone": "phi3", "vision_style": "300m"},
+    # InternVL 1.5's pixel shuffle (Mini-InternVL-Chat-2B-V1-5: InternLM2, InternViT-300M).
+    "internlm2_ps_v1": {"backbone": "internlm2", "vision_style": "300m", "ps_version": "v1"},
+}
 TEXTS = [
     "Hello world", " leading space", "trailing space ", "a  b\n\nc", "你好，世界 123", "3.14 2026",
     "<|im_start|>user\nhi<|im_end|>",
@@ -45,8 +55,8 @@ def logits(out: Path) -> None:
     from internvl_launch.checkpoint.tiny_original import TinyOriginalConfig, fidelity_inputs, generate_tiny_original
 
     result: dict = {"transformers": transformers.__version__, "torch": torch.__version__, "models": {}}
-    for name, style in BACKBONES.items():
-        config = TinyOriginalConfig(backbone=name, vision_style=style)
+    for name, settings in CASES.items():
+        config = TinyOriginalConfig(**settings)
         path = generate_tiny_original(out / "checkpoints" / name, config)
         cfg = InternVLChatConfig.from_pretrained(path)
         cfg.llm_config.attn_implementation = cfg.llm_config._attn_implementation = "eager"
@@ -61,7 +71,11 @@ def logits(out: Path) -> None:
             values = model(pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids), image_flags=flags)
             values = values.logits[0]
         where = (ids[0] == ctx).nonzero()
-        positions = (int(where[0]), int(where[-1]), ids.shape[1] - 1)
+        positions: tuple[int, ...] = (int(where[0]), int(where[-1]), ids.shape[1] - 1)
+        if config.ps_version == "v1":
+            # The first image token is grid cell (0, 0) in either order; the
+            # second is (0, 1) in v2 and (1, 0) in v1: the first row that differs.
+            positions = (positions[0], positions[0] + 1, *positions[1:])
         result["models"][name] = {
             "generator_config": asdict(config),
             "model_sha256": hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest(),

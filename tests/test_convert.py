@@ -21,6 +21,8 @@ from internvl_launch.checkpoint.convert import (
     inspect_original,
 )
 from internvl_launch.checkpoint.tiny_original import TinyOriginalConfig, fidelity_inputs, generate_tiny_original
+from internvl_launch.engines.pixel_shuffle import CONFIG_KEY as PIXEL_SHUFFLE_KEY
+from internvl_launch.engines.pixel_shuffle import apply_pixel_shuffle
 from internvl_launch.errors import CheckpointError
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "upstream_logits.json").read_text())
@@ -43,10 +45,14 @@ def converted(originals: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     return {name: Path(convert(src, root / name, verify=False).destination) for name, src in originals.items()}
 
 
-def _logits(path: Path) -> torch.Tensor:
+def _logits(path: Path, *, pixel_shuffle_override: bool = True) -> torch.Tensor:
+    """The native model's logits on the fidelity input, with the v1 pixel
+    shuffle applied when the config asks for it (as the engine does)."""
     from transformers import InternVLForConditionalGeneration
 
     model = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    if pixel_shuffle_override:
+        apply_pixel_shuffle(model)
     added = {t["content"]: t["id"] for t in json.loads((path / "tokenizer.json").read_text())["added_tokens"]}
     assert model.config.image_token_id == added["<IMG_CONTEXT>"]
     ids, pixels = fidelity_inputs(added["<IMG_CONTEXT>"], added["<img>"], added["</img>"])
@@ -91,20 +97,21 @@ def test_the_reference_catches_a_wrong_grouped_query_split(
 
 def test_conversion_writes_a_native_checkpoint_with_the_template_end_token(converted: dict[str, Path]) -> None:
     for name, path in converted.items():
+        backbone = REFERENCE["models"][name]["generator_config"]["backbone"]
         config = json.loads((path / "config.json").read_text())
         assert config["architectures"] == ["InternVLForConditionalGeneration"]
-        assert config["text_config"]["model_type"] == {"internlm2": "llama"}.get(name, name)
+        assert config["text_config"]["model_type"] == {"internlm2": "llama"}.get(backbone, backbone)
         assert config["vision_config"]["use_mean_pooling"] is True  # no final norm in the original tower
         keys = load_file(path / "model.safetensors").keys()
         assert not any(k.startswith(("vision_model.", "mlp1.")) or ".wqkv." in k or ".qkv." in k for k in keys)
         tok = json.loads((path / "tokenizer_config.json").read_text())
         assert "auto_map" not in tok and tok["context_image_token"] == "<IMG_CONTEXT>"
         vocab = {t["content"]: t["id"] for t in json.loads((path / "tokenizer.json").read_text())["added_tokens"]}
-        end = "<|end|>" if name == "phi3" else "<|im_end|>"
+        end = "<|end|>" if backbone == "phi3" else "<|im_end|>"
         generation = json.loads((path / "generation_config.json").read_text())
         assert generation["eos_token_id"] == vocab[end]
         assert (path / "preprocessor_config.json").is_file()
-        assert json.loads((path / MARKER).read_text())["backbone"] == name
+        assert json.loads((path / MARKER).read_text())["backbone"] == backbone
     vit6b = json.loads((converted["llama"] / "config.json").read_text())["vision_config"]
     assert vit6b["norm_type"] == "rms_norm" and vit6b["use_qk_norm"] is True and vit6b["attention_bias"] is False
 
@@ -151,15 +158,30 @@ def _edit_config(path: Path, **changes: object) -> None:
 
 
 @pytest.mark.parametrize(("value", "absent"), [("v1", False), (None, True)])
-def test_pixel_shuffle_v1_is_refused_with_the_reason(
+def test_pixel_shuffle_v1_is_converted_and_marked(
     originals: dict[str, Path], tmp_path: Path, value: str | None, absent: bool
 ) -> None:
+    """v1 (also an absent ps_version: the original config class defaults to
+    v1) converts, verifies with the override, and says so in config.json and
+    the report; v2 checkpoints carry no marker."""
     src = _copy(originals["qwen2"], tmp_path / "src")
     _edit_config(src, ps_version=value)
-    with pytest.raises(CheckpointError, match="v1") as err:
+    report = convert(src, tmp_path / "out")
+    assert report.verified
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config[PIXEL_SHUFFLE_KEY] == "v1"
+    note = next(n for n in report.notes if n.startswith("pixel shuffle v1"))
+    assert ("absent" in note) is absent
+    v2 = convert(originals["qwen2"], tmp_path / "v2", verify=False)
+    assert PIXEL_SHUFFLE_KEY not in json.loads((tmp_path / "v2" / "config.json").read_text())
+    assert not any("pixel shuffle" in n for n in v2.notes)
+
+
+def test_an_unknown_pixel_shuffle_is_refused(originals: dict[str, Path], tmp_path: Path) -> None:
+    src = _copy(originals["qwen2"], tmp_path / "src")
+    _edit_config(src, ps_version="v3")
+    with pytest.raises(CheckpointError, match="'v3'"):
         convert(src, tmp_path / "out")
-    assert ("absent" in err.value.message) is absent
-    assert "--trust-remote-code" in (err.value.hint or "")
     assert not (tmp_path / "out").exists()
 
 

@@ -230,11 +230,11 @@ def test_a_checkpoint_the_converter_cannot_map_leaves_no_cache_entry(
 ) -> None:
     src = _broken(checkpoints["original-qwen2"], tmp_path / "ckpt", "")
     config = json.loads((src / "config.json").read_text())
-    config["ps_version"] = "v1"
+    config["ps_version"] = "v3"
     (src / "config.json").write_text(json.dumps(config))
     from internvl_launch.api import load
 
-    with pytest.raises(CheckpointError, match="v1"):
+    with pytest.raises(CheckpointError, match="'v3'"):
         load(model_path=src)
     converted = Path.home() / ".cache" / "internvl-launch" / "converted" / "local"
     assert not converted.exists() or not any(converted.iterdir())

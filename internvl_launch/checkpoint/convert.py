@@ -4,7 +4,8 @@ OpenGVLab publishes most InternVL models as `InternVLChatModel` checkpoints
 that need their own Python code. Transformers 5 cannot run that code, but its
 native `InternVLForConditionalGeneration` computes the same function for
 `ps_version: v2` checkpoints once the weights are renamed and a few packed
-matrices are split:
+matrices are split (`ps_version: v1` checkpoints are marked in config.json and
+need `internvl_launch.engines.pixel_shuffle`, which restores v1's token order):
 
 * vision tower: `vision_model.*` -> `vision_tower.*`; the fused `attn.qkv`
   becomes `q_proj`/`k_proj`/`v_proj`; `ls1/ls2` -> `lambda_1/lambda_2`,
@@ -49,6 +50,8 @@ from internvl_launch.checkpoint.local import (
     pickle_weight_files,
     safetensors_header,
 )
+from internvl_launch.engines.pixel_shuffle import CONFIG_KEY as PIXEL_SHUFFLE_KEY
+from internvl_launch.engines.pixel_shuffle import apply_pixel_shuffle
 from internvl_launch.errors import CheckpointError
 
 #: Bump when converted output changes: it moves the cache key.
@@ -183,13 +186,10 @@ def inspect_original(path: str | os.PathLike[str], *, allow_pickle: bool = False
             f"{root} has a {llm_arch or 'unnamed'} language model; conversion covers {', '.join(sorted(BACKBONES))}.",
         )
     ps_version = config.get("ps_version", _ORIGINAL_DEFAULTS["ps_version"])
-    if ps_version != "v2":
+    if ps_version not in ("v1", "v2"):
         raise CheckpointError(
-            f"{root} uses pixel shuffle {ps_version!r} (config.json 'ps_version'"
-            + ("" if "ps_version" in config else ", absent, which the original code reads as 'v1'")
-            + "); Transformers' InternVL computes 'v2' only, which orders each tile's image tokens "
-            "differently, so a converted model would see transposed images.",
-            hint="Serve this checkpoint with its own code instead: --model-engine vllm --trust-remote-code.",
+            f"{root} uses pixel shuffle {ps_version!r} (config.json 'ps_version'); the original code "
+            "knows 'v1' and 'v2'.",
         )
     if config.get("downsample_ratio", 0.5) != 0.5:
         raise CheckpointError(f"{root} has downsample_ratio {config['downsample_ratio']}; only 0.5 is supported.")
@@ -344,6 +344,7 @@ def native_config(src: OriginalCheckpoint, *, image_token_id: int, has_lm_head: 
         "tie_word_embeddings": not has_lm_head,
         "dtype": dtype,
         **({"quantization_config": native_quantization_config(src)} if src.awq else {}),
+        **({PIXEL_SHUFFLE_KEY: "v1"} if src.ps_version == "v1" else {}),
     }
 
 
@@ -848,6 +849,13 @@ def convert(
         write_processor_files(tmp, max_tiles=int(src.config.get("max_dynamic_patch", 12)))
         if mapper.ignored:
             notes.append(f"skipped {len(mapper.ignored)} training-only tensor(s), e.g. {mapper.ignored[0]}")
+        if src.ps_version == "v1":
+            notes.append(
+                "pixel shuffle v1"
+                + ("" if "ps_version" in src.config else " (ps_version absent: the original code's default)")
+                + f": config.json carries {PIXEL_SHUFFLE_KEY}: v1; internvl-launch's Transformers engine "
+                "restores v1's token order, other runtimes would compute v2"
+            )
         report = ConversionReport(
             source=str(src.path),
             destination=str(dst),
@@ -958,6 +966,7 @@ def verify_checkpoint(path: Path) -> None:
                 path, dtype="auto", device_map=device, output_loading_info=True
             )
             model.eval()
+        apply_pixel_shuffle(model)
         problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         problems = {k: v for k, v in problems.items() if v}
         if problems:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from internvl_launch.engines.pixel_shuffle import apply_pixel_shuffle
 from internvl_launch.errors import ConversationError, EngineUnavailableError
 from internvl_launch.prompt import Prompt
 from internvl_launch.resolver import BNB_SKIP_MODULES, LaunchPlan
@@ -145,6 +146,7 @@ class TransformersEngine:
         elif device_map is not None:
             kwargs["device_map"] = device_map
         model = InternVLForConditionalGeneration.from_pretrained(self.path, **kwargs)
+        apply_pixel_shuffle(model)  # v1 checkpoints (InternVL 1.5); v2 ones are left as loaded
         if "device_map" not in kwargs:
             model = model.to(device)
         self.model = model.eval()
