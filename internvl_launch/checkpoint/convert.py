@@ -13,7 +13,11 @@ need `internvl_launch.engines.pixel_shuffle`, which restores v1's token order):
 * projector: `mlp1.0/1/3` -> `multi_modal_projector.layer_norm/linear_1/linear_2`;
 * language model: Qwen2, Llama and Phi-3 keep their names; InternLM2 becomes a
   Llama, with `attention.wqkv` split per key/value group (its rows are packed
-  as `[kv_heads, q_per_kv + 2, head_dim]`).
+  as `[kv_heads, q_per_kv + 2, head_dim]`). InternVL3.5's Qwen3, Qwen3-MoE
+  and GPT-OSS keep their names too: their tensors are already laid out as
+  Transformers 5 saves them (Qwen3-MoE one Linear per expert, which
+  Transformers stacks when it loads; GPT-OSS stacked experts with gate and up
+  interleaved, and attention sinks).
 
 AWQ checkpoints (GEMM layout, `quantization_config` in `llm_config`) convert
 the same way: their `qweight`/`qzeros`/`scales` follow the renames, and
@@ -61,7 +65,24 @@ CONVERTER_VERSION = 2
 #: The original config's LLM class -> our name for the backbone.
 BACKBONES = ORIGINAL_ARCHS
 #: The native text model each backbone becomes.
-NATIVE_TEXT = {"qwen2": "qwen2", "llama": "llama", "internlm2": "llama", "phi3": "phi3"}
+NATIVE_TEXT = {
+    "qwen2": "qwen2",
+    "llama": "llama",
+    "internlm2": "llama",
+    "phi3": "phi3",
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3_moe",
+    "gpt_oss": "gpt_oss",
+}
+#: The Transformers class of each native text model.
+_TEXT_ARCH = {
+    "qwen2": "Qwen2ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
+}
 
 #: What InternVLChatConfig assumes when a key is absent (the original class's defaults).
 _ORIGINAL_DEFAULTS = {"ps_version": "v1", "select_layer": -1, "downsample_ratio": 0.5, "max_dynamic_patch": 6}
@@ -288,10 +309,10 @@ def native_text_config(src: OriginalCheckpoint, *, has_lm_head: bool) -> dict[st
         if "torch_dtype" in text:
             text["dtype"] = text.pop("torch_dtype")
     text["model_type"] = NATIVE_TEXT[src.backbone]
-    text["architectures"] = [
-        {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "phi3": "Phi3ForCausalLM"}[NATIVE_TEXT[src.backbone]]
-    ]
-    # InternVLChatConfig forces untied embeddings; a checkpoint without a head ties them.
+    text["architectures"] = [_TEXT_ARCH[NATIVE_TEXT[src.backbone]]]
+    # InternVLChatConfig forces untied embeddings (InternVL3.5's follows
+    # llm_config, whose Transformers save leaves out a tied head); a
+    # checkpoint without a head ties them.
     text["tie_word_embeddings"] = not has_lm_head
     return text
 
@@ -384,7 +405,7 @@ _INTERNLM2_RULES = [
     (r"language_model\.model\.norm\.", "language_model.model.norm."),
     (r"language_model\.output\.", "language_model.lm_head."),
 ]
-# Qwen2, Llama and Phi-3 keep their Transformers names under `language_model.`.
+# Qwen2, Llama, Phi-3, Qwen3, Qwen3-MoE and GPT-OSS keep their Transformers names under `language_model.`.
 _PLAIN_LLM_RULES = [(r"language_model\.(model\.|lm_head\.)", r"language_model.\1")]
 _VIT_QKV = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
 _WQKV = re.compile(r"language_model\.model\.layers\.(\d+)\.attention\.wqkv\.(weight|bias|qweight|qzeros|scales)$")

@@ -29,8 +29,19 @@ ORIGINAL_ARCHS = {
     "LlamaForCausalLM": "llama",
     "InternLM2ForCausalLM": "internlm2",
     "Phi3ForCausalLM": "phi3",
+    # InternVL3.5
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "GptOssForCausalLM": "gpt_oss",
 }
-_NATIVE_TEXT = {"qwen2": "qwen2", "llama": "llama", "phi3": "phi3"}
+_NATIVE_TEXT = {
+    "qwen2": "qwen2",
+    "llama": "llama",
+    "phi3": "phi3",
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3_moe",
+    "gpt_oss": "gpt_oss",
+}
 _VISION_PREFIXES = ("vision_model.", "vision_tower.", "model.vision_tower.")
 CONVERSION_MARKER = "internvl_launch_conversion.json"
 
@@ -42,7 +53,7 @@ class LocalCheckpoint:
 
     path: Path
     layout: str  # original | native
-    arch: str  # qwen2 | internlm2 | llama | phi3
+    arch: str  # qwen2 | internlm2 | llama | phi3 | qwen3 | qwen3_moe | gpt_oss
     llm_name: str
     layers: int
     attention_heads: int
@@ -348,7 +359,7 @@ def _describe_native(root: Path, config: dict[str, Any], prov: dict[str, str]) -
     model_type = text.get("model_type", "unset")
     if model_type not in _NATIVE_TEXT:
         raise CheckpointError(
-            f"{root} has a {model_type} text model; native InternVL checkpoints use qwen2, llama or phi3.",
+            f"{root} has a {model_type} text model; native InternVL checkpoints use {', '.join(_NATIVE_TEXT)}.",
         )
     prov["layout"] = "config.json architectures: InternVLForConditionalGeneration (native)"
     marker = root / CONVERSION_MARKER

@@ -2,9 +2,9 @@
 
 The test bed for conversion: the config.json and tensor names that the
 original modeling code reads, for each language-model backbone it supports
-(Qwen2, InternLM2, Llama, Phi-3) and both vision towers (InternViT-300M style:
-LayerNorm, qkv bias; InternViT-6B style: RMSNorm, query/key normalisation, no
-qkv bias). Written from shapes alone, with no model class, so nothing here
+(Qwen2, InternLM2, Llama, Phi-3; and InternVL3.5's Qwen3, Qwen3-MoE and
+GPT-OSS) and both vision towers (InternViT-300M style: LayerNorm, qkv bias;
+InternViT-6B style: RMSNorm, query/key normalisation, no qkv bias). Written from shapes alone, with no model class, so nothing here
 depends on the converter it tests.
 
 Values are drawn from a seeded generator at scales that make every tensor
@@ -24,21 +24,47 @@ from typing import Any
 #: Bump when the generated files change.
 ORIGINAL_GENERATOR_VERSION = 1
 
-#: Each backbone's template, as its InternVL2-era checkpoints name them.
-BACKBONE_TEMPLATES = {"qwen2": "internvl2_5", "internlm2": "internlm2-chat", "llama": "Hermes-2", "phi3": "phi3-chat"}
+#: Each backbone's template, as its InternVL2-era checkpoints name them (the
+#: InternVL3.5 backbones: `internvl2_5`, which the Qwen3 ones use; see
+#: docs/conversion.md for GPT-OSS's own template).
+BACKBONE_TEMPLATES = {
+    "qwen2": "internvl2_5",
+    "internlm2": "internlm2-chat",
+    "llama": "Hermes-2",
+    "phi3": "phi3-chat",
+    "qwen3": "internvl2_5",
+    "qwen3_moe": "internvl2_5",
+    "gpt_oss": "internvl2_5",
+}
 _LLM_ARCH = {
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "internlm2": ("InternLM2ForCausalLM", "internlm2"),
     "llama": ("LlamaForCausalLM", "llama"),
     "phi3": ("Phi3ForCausalLM", "phi3"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    "gpt_oss": ("GptOssForCausalLM", "gpt_oss"),
 }
+#: The InternVL3.5 backbones (Transformers >= 4.55 classes, which the
+#: original code builds with `AutoModelForCausalLM.from_config`).
+INTERNVL3_5_BACKBONES = ("qwen3", "qwen3_moe", "gpt_oss")
+#: Mixture-of-experts shape of the tiny Qwen3-MoE and GPT-OSS checkpoints:
+#: experts, experts per token, and each expert's width as a fraction of
+#: `text_intermediate`. Constants rather than config fields, so that the
+#: older backbones' configs (and their keys) stay as they were.
+MOE_EXPERTS = 4
+MOE_TOP_K = 2
+MOE_WIDTH_DIVISOR = 4
+#: GPT-OSS's sliding window in the tiny checkpoint: shorter than the fidelity
+#: prompt (523 tokens), so its sliding-attention layer sees a cut-off window.
+GPT_OSS_SLIDING_WINDOW = 64
 
 
 @dataclass(frozen=True)
 class TinyOriginalConfig:
     """Dimensions of a tiny original-layout checkpoint."""
 
-    backbone: str = "qwen2"  # qwen2 | internlm2 | llama | phi3
+    backbone: str = "qwen2"  # qwen2 | internlm2 | llama | phi3 | qwen3 | qwen3_moe | gpt_oss
     vision_style: str = "300m"  # 300m (LayerNorm, qkv bias) | 6b (RMSNorm, qk norm, no qkv bias)
     vision_hidden: int = 64
     vision_layers: int = 2
@@ -131,6 +157,63 @@ def llm_config(c: TinyOriginalConfig, vocab: int, eos_id: int, pad_id: int) -> d
         out["use_sliding_window"] = False
         out["sliding_window"] = 4096
         out["max_window_layers"] = c.text_layers
+    if c.backbone in INTERNVL3_5_BACKBONES:
+        out.update(_internvl3_5_llm(c))
+    return out
+
+
+def _internvl3_5_llm(c: TinyOriginalConfig) -> dict[str, Any]:
+    """The keys Qwen3, Qwen3-MoE and GPT-OSS configs add (as Transformers 4.55
+    writes them). The Qwen3 checkpoint ties its output head to the embeddings,
+    as Qwen3-0.6B/1.7B/4B do; the other two do not."""
+    out: dict[str, Any] = {"head_dim": c.text_hidden // c.text_heads, "attention_dropout": 0.0}
+    if c.backbone in ("qwen3", "qwen3_moe"):
+        out.update(
+            attention_bias=False,
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=c.text_layers,
+            layer_types=["full_attention"] * c.text_layers,
+            rope_theta=1000000.0,
+        )
+    if c.backbone == "qwen3":
+        out["tie_word_embeddings"] = True
+    if c.backbone == "qwen3_moe":
+        out.update(
+            num_experts=MOE_EXPERTS,
+            num_experts_per_tok=MOE_TOP_K,
+            moe_intermediate_size=c.text_intermediate // MOE_WIDTH_DIVISOR,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            output_router_logits=False,
+            router_aux_loss_coef=0.001,
+        )
+    if c.backbone == "gpt_oss":
+        out.update(
+            intermediate_size=c.text_intermediate // MOE_WIDTH_DIVISOR,
+            num_local_experts=MOE_EXPERTS,
+            num_experts_per_tok=MOE_TOP_K,
+            experts_per_token=MOE_TOP_K,
+            attention_bias=True,
+            sliding_window=GPT_OSS_SLIDING_WINDOW,
+            layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(c.text_layers)],
+            rms_norm_eps=1e-5,
+            rope_theta=150000.0,
+            rope_scaling={
+                "rope_type": "yarn",
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 4096,
+            },
+            initial_context_length=4096,
+            max_position_embeddings=131072,
+            swiglu_limit=7.0,
+            output_router_logits=False,
+            router_aux_loss_coef=0.9,
+        )
     return out
 
 
@@ -214,6 +297,9 @@ def tensor_shapes(c: TinyOriginalConfig, vocab: int) -> dict[str, tuple[int, ...
         shapes[lm + "norm.weight"] = (h,)
         shapes["language_model.output.weight"] = (vocab, h)
         return shapes
+    if c.backbone in INTERNVL3_5_BACKBONES:
+        shapes.update(_internvl3_5_shapes(c, vocab))
+        return shapes
     shapes[lm + "embed_tokens.weight"] = (vocab, h)
     for i in range(c.text_layers):
         p = f"{lm}layers.{i}."
@@ -239,6 +325,57 @@ def tensor_shapes(c: TinyOriginalConfig, vocab: int) -> dict[str, tuple[int, ...
     return shapes
 
 
+def _internvl3_5_shapes(c: TinyOriginalConfig, vocab: int) -> dict[str, tuple[int, ...]]:
+    """The language model of a Qwen3, Qwen3-MoE or GPT-OSS checkpoint, named
+    as Transformers 4.55 saves them: Qwen3-MoE keeps one Linear per expert
+    (`mlp.experts.N.gate_proj`, ...) and a router `mlp.gate`; GPT-OSS keeps
+    its experts stacked (`mlp.experts.gate_up_proj` of shape (experts,
+    hidden, 2 * width), gate and up interleaved column by column; `down_proj`
+    of (experts, width, hidden); each with a bias), a router with a bias, and
+    a learned attention sink per head (`self_attn.sinks`)."""
+    h, ti = c.text_hidden, c.text_intermediate
+    hd = h // c.text_heads
+    q, kv = c.text_heads * hd, c.text_kv_heads * hd
+    width, experts = ti // MOE_WIDTH_DIVISOR, MOE_EXPERTS
+    lm = "language_model.model."
+    shapes: dict[str, tuple[int, ...]] = {lm + "embed_tokens.weight": (vocab, h)}
+    for i in range(c.text_layers):
+        p = f"{lm}layers.{i}."
+        shapes[p + "self_attn.q_proj.weight"] = (q, h)
+        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        if c.backbone == "gpt_oss":
+            for name, size in (("q_proj", q), ("k_proj", kv), ("v_proj", kv), ("o_proj", h)):
+                shapes[p + f"self_attn.{name}.bias"] = (size,)
+            shapes[p + "self_attn.sinks"] = (c.text_heads,)
+            shapes[p + "mlp.router.weight"] = (experts, h)
+            shapes[p + "mlp.router.bias"] = (experts,)
+            shapes[p + "mlp.experts.gate_up_proj"] = (experts, h, 2 * width)
+            shapes[p + "mlp.experts.gate_up_proj_bias"] = (experts, 2 * width)
+            shapes[p + "mlp.experts.down_proj"] = (experts, width, h)
+            shapes[p + "mlp.experts.down_proj_bias"] = (experts, h)
+        else:
+            shapes[p + "self_attn.q_norm.weight"] = (hd,)
+            shapes[p + "self_attn.k_norm.weight"] = (hd,)
+        if c.backbone == "qwen3":
+            shapes[p + "mlp.gate_proj.weight"] = (ti, h)
+            shapes[p + "mlp.up_proj.weight"] = (ti, h)
+            shapes[p + "mlp.down_proj.weight"] = (h, ti)
+        if c.backbone == "qwen3_moe":
+            shapes[p + "mlp.gate.weight"] = (experts, h)
+            for e in range(experts):
+                shapes[p + f"mlp.experts.{e}.gate_proj.weight"] = (width, h)
+                shapes[p + f"mlp.experts.{e}.up_proj.weight"] = (width, h)
+                shapes[p + f"mlp.experts.{e}.down_proj.weight"] = (h, width)
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+    shapes[lm + "norm.weight"] = (h,)
+    if c.backbone != "qwen3":  # the Qwen3 checkpoint ties its head to the embeddings
+        shapes["language_model.lm_head.weight"] = (vocab, h)
+    return shapes
+
+
 def _value(name: str, shape: tuple[int, ...], gen: Any) -> Any:
     import torch
 
@@ -254,6 +391,13 @@ def _value(name: str, shape: tuple[int, ...], gen: Any) -> Any:
         return noise
     if name.endswith(("class_embedding", "position_embedding")):
         return 0.5 * noise
+    # GPT-OSS's stacked experts (input features on dim 1), their biases, and its attention sinks.
+    if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+        return noise / shape[1] ** 0.5
+    if name.endswith("_proj_bias"):
+        return 0.1 * noise
+    if name.endswith(".sinks"):
+        return noise
     fan_in = 1
     for n in shape[1:]:
         fan_in *= n
