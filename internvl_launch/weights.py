@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from internvl_launch.errors import CheckpointError
+from internvl_launch.errors import CheckpointError, EngineUnavailableError
 from internvl_launch.hub import Download, Notify, download
 from internvl_launch.resolver import LaunchPlan
 
@@ -32,6 +32,26 @@ def checkpoint_layout(path: Path) -> str:
         f"{path} is not an InternVL checkpoint: its config names {archs or 'no architecture'}.",
         hint="Expected InternVLForConditionalGeneration (native) or InternVLChatModel (original).",
     )
+
+
+def _refuse_pixel_shuffle_v1_on_vllm(path: Path, layout: str) -> None:
+    """vLLM's native InternVL computes pixel shuffle v2 only: a v1 checkpoint
+    (an original one whose ps_version is v1 or absent, or one converted from
+    it) would run with each tile's image tokens transposed."""
+    from internvl_launch.engines.pixel_shuffle import pixel_shuffle_version
+
+    config = json.loads((path / "config.json").read_text())
+    if layout == "original":
+        v1 = config.get("ps_version", "v1") == "v1"
+    else:
+        v1 = pixel_shuffle_version(config) == "v1"
+    if v1:
+        raise EngineUnavailableError(
+            f"{path} uses pixel shuffle v1 (InternVL 1.5), which vLLM computes only with the checkpoint's own "
+            "code; its native InternVL would see each tile transposed.",
+            hint="Serve the original checkpoint with --model-engine vllm --trust-remote-code, "
+            "or use --model-engine transformers.",
+        )
 
 
 def fetch_weights(
@@ -91,9 +111,12 @@ def locate_weights(
         repo_id, revision = f"{fetched.hub}/{fetched.repo_id}", fetched.revision
         if fetched.hub == "huggingface" and re.fullmatch(r"[0-9a-f]{40}", path.name):
             revision = path.name  # the snapshot directory is the resolved commit: a new commit converts again
-    if checkpoint_layout(path) == "native":
+    layout = checkpoint_layout(path)
+    if plan.engine == "vllm" and layout == "original" and trust_remote_code:
         return path
-    if plan.engine == "vllm" and trust_remote_code:
+    if plan.engine == "vllm":
+        _refuse_pixel_shuffle_v1_on_vllm(path, layout)
+    if layout == "native":
         return path
     from internvl_launch.checkpoint.convert import cached_conversion
 

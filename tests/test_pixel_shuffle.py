@@ -131,3 +131,30 @@ def test_an_original_v1_checkpoint_converts_and_chats_through_the_api(originals:
     assert "pixel_shuffle" in vars(model.engine.model.model)
     reply = model.chat("Describe the image.", image=Image.new("RGB", (600, 450), (30, 160, 90)), max_tokens=4)
     assert isinstance(reply, str)
+
+
+@pytest.mark.parametrize("layout", ["original", "converted"])
+def test_vllm_is_not_handed_a_v1_checkpoint_it_would_run_as_v2(
+    originals: dict[str, Path], converted: dict[str, Path], layout: str
+) -> None:
+    """vLLM's native InternVL ignores the marker: the weights step refuses
+    before converting, unless the original is served with its own code."""
+    from conftest import make_env
+
+    from internvl_launch.errors import EngineUnavailableError
+    from internvl_launch.registry import load_registry
+    from internvl_launch.request import LaunchRequest
+    from internvl_launch.resolver import resolve_plan
+    from internvl_launch.weights import locate_weights
+
+    path = originals[V1] if layout == "original" else converted[V1]
+    request = LaunchRequest("", engine="vllm", model_path=str(path), memory_check=False)
+    plan = resolve_plan(load_registry(), request, make_env([], vllm="cpu"))
+    with pytest.raises(EngineUnavailableError, match="pixel shuffle v1") as err:
+        locate_weights(plan)
+    assert "--trust-remote-code" in (err.value.hint or "")
+    if layout == "original":
+        assert locate_weights(plan, trust_remote_code=True) == path
+    else:  # a v2 checkpoint goes through as before
+        v2 = LaunchRequest("", engine="vllm", model_path=str(converted["internlm2"]), memory_check=False)
+        assert locate_weights(resolve_plan(load_registry(), v2, make_env([], vllm="cpu"))) == converted["internlm2"]
