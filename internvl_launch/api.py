@@ -11,6 +11,13 @@
     model.batch_chat(["Describe.", "Describe."], images=["a.jpg", "b.jpg"])
     for delta in model.stream("Tell me a story."): print(delta, end="")
     model.chat_messages([{"role": "user", "content": [...]}])   # OpenAI messages
+
+InternVL3.5 (specs with `thinking`) thinks when asked: `enable_thinking=True`
+puts the model cards' reasoning system prompt in the prompt, and the reply is
+the answer after `</think>`; `return_reasoning=True` returns the reasoning too.
+
+    answer, reasoning = model.chat("9.11 or 9.8?", enable_thinking=True, return_reasoning=True)
+    model.chat_messages(messages, enable_thinking=True).reasoning
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ from internvl_launch.engines.transformers_engine import (
     require_supported,
 )
 from internvl_launch.environment import probe_environment
+from internvl_launch.errors import ConversationError
 from internvl_launch.prompt import Message, Prompt, build_prompt, conversation_media, get_template, parse_messages
+from internvl_launch.prompt.thinking import split_reasoning, supports_thinking, thinking_unsupported
 from internvl_launch.registry import Spec, load_registry
 from internvl_launch.request import LaunchRequest
 from internvl_launch.resolver import LaunchPlan, resolve_plan
@@ -63,13 +72,18 @@ class InternVLModel:
 
         return load_video(video, num_segments=num_frames)
 
-    def _prompt(self, messages: Sequence[Message], tiles: Sequence[Sequence[int]], placeholders: bool) -> Prompt:
+    def _prompt(
+        self, messages: Sequence[Message], tiles: Sequence[Sequence[int]], placeholders: bool, thinking: bool = False
+    ) -> Prompt:
+        if thinking and not supports_thinking(self.spec):
+            raise ConversationError(thinking_unsupported(self.plan.model_ref))
         return build_prompt(
             messages,
             template=get_template(self.spec.template),
             system_message=self.spec.system_message,
             media_tiles=tiles,
             placeholders=placeholders,
+            thinking=thinking,
         )
 
     def prepare_question(
@@ -82,6 +96,7 @@ class InternVLModel:
         history: History | None = None,
         max_tiles: int | None = None,
         system: str | None = None,
+        thinking: bool = False,
     ) -> tuple[GenerationRequest, str]:
         """A seed-style question as a request, and the question as history keeps it."""
         import torch
@@ -99,12 +114,18 @@ class InternVLModel:
         if blocks and not history and "<image>" not in question:
             question = "<image>\n" + question  # what the original stores in history
         messages.append(Message("user", (question,)))
-        prompt = self._prompt(messages, [[int(b.shape[0])] for b in blocks], placeholders=True)
+        prompt = self._prompt(messages, [[int(b.shape[0])] for b in blocks], placeholders=True, thinking=thinking)
         pixels = torch.cat(blocks) if blocks else None
         return GenerationRequest(prompt, pixels), question
 
     def prepare_messages(
-        self, messages: Any, *, max_tiles: int | None = None, num_frames: int = 8, base_dir: Path | None = None
+        self,
+        messages: Any,
+        *,
+        max_tiles: int | None = None,
+        num_frames: int = 8,
+        base_dir: Path | None = None,
+        thinking: bool = False,
     ) -> GenerationRequest:
         """OpenAI chat messages (images as paths, data URLs or bytes) as a request."""
         import torch
@@ -126,7 +147,7 @@ class InternVLModel:
                 frames = self._video(source, num_frames)
                 tiles.append([1] * len(frames.frame_indices))
                 pixels.append(frames.pixel_values)
-        prompt = self._prompt(parsed, tiles, placeholders=False)
+        prompt = self._prompt(parsed, tiles, placeholders=False, thinking=thinking)
         return GenerationRequest(prompt, torch.cat(pixels) if pixels else None)
 
     # -- generation -------------------------------------------------------------
@@ -139,15 +160,29 @@ class InternVLModel:
         video: Any = None,
         history: History | None = None,
         return_history: bool = False,
+        enable_thinking: bool = False,
+        return_reasoning: bool = False,
         **params: Any,
-    ) -> str | tuple[str, History]:
+    ) -> Any:
         """One reply, as `model.chat` gives it; with `return_history`, also the
-        history to pass to the next call."""
-        request, asked = self.prepare_question(question, image=image, video=video, history=history)
-        reply = self.engine.generate([request], SamplingParams(**params))[0].text.strip()
+        history to pass to the next call.
+
+        `enable_thinking` (InternVL3.5) asks the model to think first: the reply
+        is then the answer after the thinking, `return_reasoning` returns
+        `(answer, reasoning)` (and the history last, with `return_history`).
+        History keeps the answers only, not the reasoning."""
+        request, asked = self.prepare_question(
+            question, image=image, video=video, history=history, thinking=enable_thinking
+        )
+        text = self.engine.generate([request], SamplingParams(**params))[0].text
+        reasoning, reply = split_reasoning(text) if enable_thinking else ("", text)
+        reply = reply.strip()
+        out: tuple[Any, ...] = (reply,)
+        if return_reasoning:
+            out += (reasoning,)
         if return_history:
-            return reply, [*(history or []), (asked, reply)]
-        return reply
+            out += ([*(history or []), (asked, reply)],)
+        return out if len(out) > 1 else reply
 
     def batch_chat(
         self, questions: Sequence[str], *, images: Sequence[ImageLike | None] | None = None, **params: Any
@@ -172,9 +207,15 @@ class InternVLModel:
         request, _ = self.prepare_question(question, image=image, video=video, history=history)
         return self.engine.stream(request, SamplingParams(**params))
 
-    def chat_messages(self, messages: Any, **params: Any) -> Completion:
-        """One reply to OpenAI chat messages, with token counts."""
-        return self.engine.generate([self.prepare_messages(messages)], SamplingParams(**params))[0]
+    def chat_messages(self, messages: Any, *, enable_thinking: bool = False, **params: Any) -> Completion:
+        """One reply to OpenAI chat messages, with token counts. With
+        `enable_thinking` (InternVL3.5), `text` is the answer and `reasoning`
+        the thinking before it."""
+        request = self.prepare_messages(messages, thinking=enable_thinking)
+        result = self.engine.generate([request], SamplingParams(**params))[0]
+        if enable_thinking:
+            result.reasoning, result.text = split_reasoning(result.text)
+        return result
 
 
 def load(

@@ -16,6 +16,7 @@ from internvl_launch.cli.plan_commands import request_from_flags
 from internvl_launch.errors import ConversationError, MediaError
 from internvl_launch.prompt import Message, Prompt, build_prompt, get_template, parse_messages
 from internvl_launch.prompt.conversation import Media, conversation_media
+from internvl_launch.prompt.thinking import ReasoningStream, split_reasoning, supports_thinking, thinking_unsupported
 from internvl_launch.registry import Spec, load_registry
 from internvl_launch.resolver import select_model
 from internvl_launch.vision.limits import MAX_VIDEO_BYTES, MAX_VIDEO_FRAMES
@@ -67,11 +68,21 @@ def media_tiles(messages: list[Message], *, max_tiles: int, num_frames: int, bas
     return tiles
 
 
-def prompt_for(spec: Spec, messages: list[Message], tiles: list[list[int]]) -> Prompt:
+def prompt_for(spec: Spec, messages: list[Message], tiles: list[list[int]], thinking: bool = False) -> Prompt:
     """The prompt the spec's template makes of the conversation."""
     return build_prompt(
-        messages, template=get_template(spec.template), system_message=spec.system_message, media_tiles=tiles
+        messages,
+        template=get_template(spec.template),
+        system_message=spec.system_message,
+        media_tiles=tiles,
+        thinking=thinking,
     )
+
+
+def _reasoning_out(text: str) -> None:
+    """Reasoning goes to stderr, dimmed on a terminal; the answer alone to stdout."""
+    if text:
+        click.echo(click.style(text, dim=True), err=True, nl=False)
 
 
 @click.command("chat")
@@ -99,6 +110,12 @@ def prompt_for(spec: Spec, messages: list[Message], tiles: list[list[int]]) -> P
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, help="Seed for sampling.")
 @click.option("--stream", is_flag=True, help="Print the answer as it is generated.")
+@click.option(
+    "--enable-thinking",
+    is_flag=True,
+    help="InternVL3.5's thinking mode: the model cards' reasoning system prompt; the reasoning goes to stderr "
+    "(or `reasoning` under --json), the answer to stdout.",
+)
 @click.option("--print-prompt", is_flag=True, help="Print the exact prompt that would be tokenized, and stop.")
 @click.option(
     "--compact-images",
@@ -119,6 +136,7 @@ def chat_command(
     top_p: float,
     seed: int | None,
     stream: bool,
+    enable_thinking: bool,
     print_prompt: bool,
     compact_images: bool,
     as_json: bool,
@@ -137,6 +155,7 @@ def chat_command(
     internvl chat -n internvl2.5 --messages conversation.json --print-prompt --compact-images
     internvl chat -n internvl-tiny --image cat.jpg "Describe the image" --max-tokens 16 --json
     internvl chat -n internvl-tiny --image cat.jpg          # interactive, on a terminal
+    internvl chat -n internvl3.5 -s 8 --enable-thinking "9.11 or 9.8, which is greater?"
     """
     if messages_file and (question or images or video):
         raise click.UsageError("--messages replaces the question, --image and --video; give one or the other.")
@@ -152,8 +171,12 @@ def chat_command(
 
     registry = load_registry(flags["specs_dirs"])
     family, spec, _quantization, _ = select_model(registry, request_from_flags(flags))
+    if enable_thinking and not supports_thinking(spec):
+        raise click.UsageError(thinking_unsupported(f"{family.name}:{spec.size_label}b"))
     if interactive:
-        _interactive(flags, images, video, system, max_tiles, num_frames, max_tokens, temperature, top_p, seed)
+        _interactive(
+            flags, images, video, system, max_tiles, num_frames, max_tokens, temperature, top_p, seed, enable_thinking
+        )
         return
     if messages_file:
         messages, base_dir = read_messages_file(messages_file)
@@ -164,7 +187,7 @@ def chat_command(
     tiles = media_tiles(messages, max_tiles=max_tiles or spec.max_tiles, num_frames=num_frames, base_dir=base_dir)
 
     if print_prompt:
-        prompt = prompt_for(spec, messages, tiles)
+        prompt = prompt_for(spec, messages, tiles, thinking=enable_thinking)
         if as_json:
             emit_json(
                 {
@@ -189,6 +212,7 @@ def chat_command(
         params={"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
         stream=stream,
         as_json=as_json,
+        thinking=enable_thinking,
     )
 
 
@@ -216,6 +240,7 @@ def _generate(
     params: dict[str, Any],
     stream: bool,
     as_json: bool,
+    thinking: bool = False,
 ) -> None:
     import time
 
@@ -224,19 +249,21 @@ def _generate(
     started = time.perf_counter()
     model = _load(flags, max_tiles)
     loaded = time.perf_counter()
-    request = model.prepare_messages(messages, max_tiles=max_tiles, num_frames=num_frames, base_dir=base_dir)
+    request = model.prepare_messages(
+        messages, max_tiles=max_tiles, num_frames=num_frames, base_dir=base_dir, thinking=thinking
+    )
     sampling = SamplingParams(**params)
     if stream:
-        for delta in model.engine.stream(request, sampling):
-            click.echo(delta, nl=False)
-        click.echo("")
+        _stream_reply(model.engine.stream(request, sampling), thinking)
         return
     result = model.engine.generate([request], sampling)[0]
+    reasoning, answer = split_reasoning(result.text) if thinking else (None, result.text)
     if as_json:
         emit_json(
             {
                 "model": model.plan.model_ref,
-                "answer": result.text,
+                "answer": answer,
+                **({"reasoning": reasoning} if thinking else {}),
                 "finish_reason": result.finish_reason,
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
@@ -247,7 +274,38 @@ def _generate(
             }
         )
     else:
-        click.echo(result.text.strip())
+        if reasoning:
+            _reasoning_out(reasoning.strip() + "\n")
+        click.echo(answer.strip())
+
+
+def _stream_reply(deltas: Any, thinking: bool) -> str:
+    """Print a streamed reply (in thinking mode: reasoning to stderr, the
+    answer to stdout) and return the answer."""
+    split = ReasoningStream() if thinking else None
+    answer: list[str] = []
+    thought = False
+
+    def show(reasoning: str, text: str) -> None:
+        nonlocal thought
+        if reasoning:
+            thought = True
+            _reasoning_out(reasoning)
+        if text:
+            if thought:  # the reasoning ended without a newline of its own
+                click.echo("", err=True)
+                thought = False
+            answer.append(text)
+            click.echo(text, nl=False)
+
+    for delta in deltas:
+        show(*(split.feed(delta) if split else ("", delta)))
+    if split is not None:
+        show(*split.finish())
+    if thought:
+        click.echo("", err=True)
+    click.echo("")
+    return "".join(answer)
 
 
 def _is_terminal() -> bool:
@@ -268,6 +326,7 @@ def _interactive(
     temperature: float,
     top_p: float,
     seed: int | None,
+    thinking: bool = False,
 ) -> None:
     """A multi-round conversation on a terminal: each answer streams and joins
     the history the next question is asked with, as the model cards'
@@ -310,15 +369,13 @@ def _interactive(
             continue
         turn = Message("user", (*pending, text))
         try:
-            request = model.prepare_messages([*history, turn], max_tiles=max_tiles, num_frames=num_frames)
+            request = model.prepare_messages(
+                [*history, turn], max_tiles=max_tiles, num_frames=num_frames, thinking=thinking
+            )
         except (MediaError, ConversationError) as err:
             click.echo(f"error: {err.message}", err=True)
             pending = []
             continue
         pending = []
-        answer = []
-        for delta in model.engine.stream(request, sampling):
-            answer.append(delta)
-            click.echo(delta, nl=False)
-        click.echo("")
-        history += [turn, Message("assistant", ("".join(answer).strip(),))]
+        answer = _stream_reply(model.engine.stream(request, sampling), thinking)
+        history += [turn, Message("assistant", (answer.strip(),))]

@@ -14,6 +14,7 @@ from internvl_launch.cli._options import json_option, model_options
 from internvl_launch.cli._output import emit_json, emit_table, note
 from internvl_launch.cli.plan_commands import launch_plan_json, plan_from_flags, render_plan
 from internvl_launch.errors import EngineUnavailableError
+from internvl_launch.prompt.thinking import supports_thinking, thinking_unsupported
 
 #: Flags that only the parent of a detached launch uses.
 _PARENT_ONLY = {"detach", "as_json", "ready_file", "log_file", "config", "start_timeout", "dry_run"}
@@ -154,6 +155,13 @@ def serve_options(f: Any) -> Any:
             show_default=True,
             help="When generation fails: stop with exit code 11, or keep the process up with /health at 503.",
         ),
+        click.option(
+            "--enable-thinking",
+            is_flag=True,
+            help="InternVL3.5's thinking mode for every request that does not set "
+            "chat_template_kwargs.enable_thinking: the model cards' reasoning system prompt, and replies split "
+            "into reasoning_content and content.",
+        ),
         click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code (opt-in)."),
         click.option(
             "--allow-pickle",
@@ -193,6 +201,8 @@ def launch_command(ctx: click.Context, as_json: bool, dry_run: bool, engine_args
     """
     t_start = time.perf_counter()
     plan, env = plan_from_flags(flags)
+    if flags["enable_thinking"] and not supports_thinking(plan.spec):
+        raise click.UsageError(thinking_unsupported(plan.model_ref))
     if dry_run:
         if as_json:
             emit_json(launch_plan_json(plan, env))
@@ -239,6 +249,7 @@ def launch_command(ctx: click.Context, as_json: bool, dry_run: bool, engine_args
         vllm_args=engine_args,
         nodes=flags["nodes"],
         on_engine_fault=flags["on_engine_fault"],
+        enable_thinking=flags["enable_thinking"],
     )
 
     def say(message: str) -> None:

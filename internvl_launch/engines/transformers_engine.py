@@ -68,6 +68,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+    #: In thinking mode, the reasoning split off `text` (set by the callers that split).
+    reasoning: str | None = None
 
 
 def _torch_dtype(name: str) -> Any:

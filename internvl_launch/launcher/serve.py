@@ -52,6 +52,9 @@ class ServeOptions:
     vllm_args: tuple[str, ...] = ()
     nodes: int = 1
     on_engine_fault: str = "exit"  # or "keep-serving"
+    #: InternVL3.5's thinking mode for requests that do not set
+    #: `chat_template_kwargs.enable_thinking` (only for specs with `thinking`).
+    enable_thinking: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def name(self, plan: LaunchPlan) -> str:
@@ -175,7 +178,7 @@ def serve_transformers(
         )
     )
     name = options.name(plan)
-    service = ChatService(engine, spec, limits=limits, fetcher=fetcher)
+    service = ChatService(engine, spec, limits=limits, fetcher=fetcher, thinking=options.enable_thinking)
     app = create_app(
         service,
         ServerConfig(

@@ -28,6 +28,7 @@ from typing import Any
 from internvl_launch.errors import LaunchError
 from internvl_launch.launcher.serve import ServeOptions, announce, new_record, ready_event, url_for
 from internvl_launch.launcher.state import logs_dir, remove_record, write_record
+from internvl_launch.prompt.thinking import THINKING_SYSTEM_PROMPT, supports_thinking
 from internvl_launch.resolver import VLLM_VIDEO_ARCHS, LaunchPlan
 from internvl_launch.weights import checkpoint_layout
 
@@ -97,6 +98,8 @@ def vllm_command(plan: LaunchPlan, weights: Path, options: ServeOptions, port: i
     command += ["--mm-processor-kwargs", json.dumps({key: max_tiles})]
     if plan.device == "cpu":
         command += ["--gpu-memory-utilization", "0.3"]  # the CPU build sizes host memory from it
+    if supports_thinking(spec):
+        command += _thinking_flags(weights, options, passed)
     if options.api_key:
         command += ["--api-key", options.api_key]
     if options.trust_remote_code:
@@ -109,6 +112,68 @@ def vllm_command(plan: LaunchPlan, weights: Path, options: ServeOptions, port: i
             )
     command += list(options.vllm_args)
     return command
+
+
+#: vLLM's parser for `<think>` ... `</think>` replies of Qwen3 backbones: it reads
+#: `enable_thinking` from the request's chat_template_kwargs (merged over
+#: --default-chat-template-kwargs), so an answer without thinking stays content.
+REASONING_PARSER = "qwen3"
+
+
+def _thinking_flags(weights: Path, options: ServeOptions, passed: set[str]) -> list[str]:
+    """InternVL3.5's thinking mode on vLLM's server: the launch default as
+    `enable_thinking` for requests that do not set it, vLLM's `<think>` parser
+    (replies split into `reasoning` and `content`), and the checkpoint's chat
+    template wrapped so that `enable_thinking` puts the model cards' reasoning
+    system prompt where the default one goes, as our own server does. Flags
+    given after `--` win."""
+    flags: list[str] = []
+    if "--default-chat-template-kwargs" not in passed:
+        kwargs = {"enable_thinking": options.enable_thinking}
+        flags += ["--default-chat-template-kwargs", json.dumps(kwargs)]
+    if "--reasoning-parser" not in passed:
+        flags += ["--reasoning-parser", REASONING_PARSER]
+    base = checkpoint_chat_template(weights)
+    if base is not None and "--chat-template" not in passed:
+        flags += ["--chat-template", thinking_chat_template(base)]
+    return flags
+
+
+def checkpoint_chat_template(weights: Path) -> str | None:
+    """The chat template the checkpoint ships (chat_template.jinja,
+    tokenizer_config.json or chat_template.json), or None."""
+    jinja = weights / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        path = weights / name
+        if not path.is_file():
+            continue
+        try:
+            template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(template, str) and template:
+            return template
+    return None
+
+
+def thinking_chat_template(base: str) -> str:
+    """`base` behind a preamble: with `enable_thinking` true and no system
+    message in the conversation, the reasoning system prompt becomes its
+    system message (a string or a text part, as the conversation's first
+    message has it), so `base` writes it in place of its default."""
+    prompt = json.dumps(THINKING_SYSTEM_PROMPT)
+    return (
+        "{%- if enable_thinking is defined and enable_thinking "
+        "and (messages | length == 0 or messages[0]['role'] != 'system') -%}"
+        "{%- if messages | length > 0 and messages[0]['content'] is not string -%}"
+        "{%- set messages = [{'role': 'system', 'content': [{'type': 'text', 'text': " + prompt + "}]}] + messages -%}"
+        "{%- else -%}"
+        "{%- set messages = [{'role': 'system', 'content': " + prompt + "}] + messages -%}"
+        "{%- endif -%}"
+        "{%- endif -%}" + base
+    )
 
 
 def _free_port(host: str) -> int:

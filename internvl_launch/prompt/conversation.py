@@ -36,6 +36,7 @@ from internvl_launch.prompt.templates import (
     IMG_START,
     Template,
 )
+from internvl_launch.prompt.thinking import THINKING_SYSTEM_PROMPT
 
 Role = Literal["system", "user", "assistant"]
 MediaKind = Literal["image", "video"]
@@ -262,8 +263,14 @@ def build_prompt(
     media_tiles: Sequence[Sequence[int]] = (),
     placeholders: bool = False,
     image_tokens_per_tile: int = IMAGE_TOKENS_PER_TILE,
+    thinking: bool = False,
 ) -> Prompt:
     """The prompt for a conversation that ends with a user message.
+
+    `thinking` (InternVL3.5's thinking mode) puts the model cards' reasoning
+    system prompt in the place of `system_message`, as the cards' `model.system_message
+    = R1_SYSTEM_PROMPT` does; a system message in the conversation still
+    replaces it, as it replaces the default.
 
     `media_tiles` has one entry per media item in `conversation_media` order:
     `[tiles]` for an image, `[1] * frames` for a video. With `placeholders`
@@ -274,6 +281,8 @@ def build_prompt(
     turns = [m for m in messages if m.role != "system"]
     if not turns or turns[-1].role != "user":
         raise ConversationError("The conversation must end with a user message.")
+    if thinking:
+        system_message = THINKING_SYSTEM_PROMPT
     if system:
         system_message = "\n".join(m.text for m in system)
 

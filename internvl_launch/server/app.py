@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from internvl_launch.engines.transformers_engine import Completion, SamplingParams
 from internvl_launch.errors import ConversationError, InternVLError, MediaError
+from internvl_launch.prompt.thinking import ReasoningStream, split_reasoning, supports_thinking, thinking_unsupported
 from internvl_launch.server.fetch import RefusedMedia
 from internvl_launch.server.metrics import Metrics
 from internvl_launch.server.schemas import ChatCompletionRequest
@@ -235,11 +236,24 @@ def create_app(service: ChatService, config: ServerConfig, metrics: Metrics | No
                 code="model_not_found",
             )
         _refuse_unsupported(body)
+        asked = body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else None
+        thinking = service.thinking if asked is None else asked
+        if thinking and not supports_thinking(service.spec):
+            metrics.requests.labels("bad_request").inc()
+            return error_response(
+                400,
+                thinking_unsupported(repr(config.served_model_name)),
+                "invalid_request_error",
+                param="chat_template_kwargs.enable_thinking",
+                code="thinking_not_supported",
+            )
         if not state.ready:
             raise EngineFault(
                 "The server is still warming up." if state.status != "unhealthy" else "The server is unhealthy."
             )
-        prepared, _ = await service.prepare(body.raw_messages(), max_tiles=body.max_tiles, num_frames=body.num_frames)
+        prepared, _ = await service.prepare(
+            body.raw_messages(), max_tiles=body.max_tiles, num_frames=body.num_frames, thinking=thinking
+        )
         params = SamplingParams(
             max_tokens=service.budget(prepared, body.requested_max_tokens),
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -253,13 +267,17 @@ def create_app(service: ChatService, config: ServerConfig, metrics: Metrics | No
         completion_id = "chatcmpl-" + uuid.uuid4().hex
         created = int(time.time())
         if body.stream:
-            return _stream(body, request, prepared, params, completion_id, created, t0)
+            return _stream(body, request, prepared, params, completion_id, created, t0, thinking)
         job = service.submit(prepared, params, None)
         result = await _await_job(job, request)
         if result is None:
             metrics.requests.labels("cancelled").inc()
             return Response(status_code=499)
         _observe(result, job, t0)
+        message: dict[str, Any] = {"role": "assistant", "content": result.text}
+        if thinking:
+            reasoning, message["content"] = split_reasoning(result.text)
+            message.update(_reasoning(reasoning))
         return {
             "id": completion_id,
             "object": "chat.completion",
@@ -268,7 +286,7 @@ def create_app(service: ChatService, config: ServerConfig, metrics: Metrics | No
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": result.text},
+                    "message": message,
                     "finish_reason": _finish(result.finish_reason),
                     "logprobs": None,
                 }
@@ -299,6 +317,7 @@ def create_app(service: ChatService, config: ServerConfig, metrics: Metrics | No
         completion_id: str,
         created: int,
         t0: float,
+        thinking: bool,
     ) -> StreamingResponse:
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[str | None] = asyncio.Queue()
@@ -326,6 +345,14 @@ def create_app(service: ChatService, config: ServerConfig, metrics: Metrics | No
                 data["usage"] = None
             return "data: " + json.dumps(data, ensure_ascii=False) + "\n\n"
 
+        split = ReasoningStream() if thinking else None
+
+        def pieces(reasoning: str, answer: str) -> Iterator[str]:
+            if reasoning:
+                yield chunk(_reasoning(reasoning))
+            if answer:
+                yield chunk({"content": answer})
+
         async def events() -> AsyncIterator[str]:
             first = True
             try:
@@ -334,7 +361,14 @@ def create_app(service: ChatService, config: ServerConfig, metrics: Metrics | No
                     if first:
                         metrics.ttft.observe(time.perf_counter() - t0)
                         first = False
-                    yield chunk({"content": text})
+                    if split is None:
+                        yield chunk({"content": text})
+                    else:
+                        for event in pieces(*split.feed(text)):
+                            yield event
+                if split is not None:
+                    for event in pieces(*split.finish()):
+                        yield event
                 try:
                     result = job.future.result()
                 except (InternVLError, asyncio.CancelledError) as err:
@@ -375,6 +409,12 @@ def _refuse_unsupported(body: ChatCompletionRequest) -> None:
         raise ConversationError(
             "presence_penalty and frequency_penalty are not supported; use repetition_penalty (extension)."
         )
+
+
+def _reasoning(text: str) -> dict[str, str]:
+    """A reply's reasoning under both names clients read it by: `reasoning_content`
+    (DeepSeek's API, older vLLM) and `reasoning` (vLLM's current name)."""
+    return {"reasoning_content": text, "reasoning": text}
 
 
 def _finish(reason: str) -> str:

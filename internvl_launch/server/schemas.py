@@ -1,16 +1,16 @@
 """The OpenAI chat-completions request, as the server validates it.
 
 Field names and ranges follow OpenAI's API; the few extensions (`max_tiles`,
-`num_frames`, `top_k`, `repetition_penalty`) are optional and named as vLLM
-and InternVL's own tools name them. Unknown fields are ignored, as OpenAI
-clients send fields a server may not know.
+`num_frames`, `top_k`, `repetition_penalty`, `chat_template_kwargs`) are
+optional and named as vLLM and InternVL's own tools name them. Unknown fields
+are ignored, as OpenAI clients send fields a server may not know.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 MAX_STOP = 4
 MAX_STOP_LEN = 256
@@ -58,6 +58,13 @@ class StreamOptions(_Loose):
     include_usage: bool = False
 
 
+class ChatTemplateKwargs(_Loose):
+    """vLLM's `chat_template_kwargs`; this server reads `enable_thinking` and
+    ignores the rest, as a template ignores variables it does not use."""
+
+    enable_thinking: StrictBool | None = None
+
+
 class ChatCompletionRequest(_Loose):
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
@@ -81,6 +88,9 @@ class ChatCompletionRequest(_Loose):
     user: str | None = None
     max_tiles: int | None = Field(default=None, ge=1, le=256, description="Extension: tiles per image.")
     num_frames: int | None = Field(default=None, ge=1, le=1024, description="Extension: frames sampled per video.")
+    chat_template_kwargs: ChatTemplateKwargs | None = Field(
+        default=None, description="Extension (vLLM's): `enable_thinking` turns InternVL3.5's thinking mode on or off."
+    )
 
     @field_validator("stop")
     @classmethod

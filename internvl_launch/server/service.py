@@ -252,9 +252,12 @@ class ChatService:
         limits: ServiceLimits,
         fetcher: MediaFetcher,
         observe: Any = None,
+        thinking: bool = False,
     ) -> None:
         self.engine = engine
         self.spec = spec
+        #: Thinking mode for requests that do not say (`launch --enable-thinking`).
+        self.thinking = thinking
         self.template = get_template(spec.template)
         self.limits = limits
         self.fetcher = fetcher
@@ -275,6 +278,7 @@ class ChatService:
         *,
         max_tiles: int | None = None,
         num_frames: int | None = None,
+        thinking: bool = False,
     ) -> tuple[Prepared, list[Message]]:
         messages = parse_messages(raw_messages)
         if messages[-1].role != "user":
@@ -296,13 +300,19 @@ class ChatService:
         started = time.perf_counter()
         self.batcher.preparing += 1
         try:
-            return await self._prepare_media(messages, media, frames, max_tiles, started)
+            return await self._prepare_media(messages, media, frames, max_tiles, started, thinking)
         finally:
             self.batcher.preparing -= 1
             self.batcher.wake()
 
     async def _prepare_media(
-        self, messages: list[Message], media: list[Any], frames: int, max_tiles: int | None, started: float
+        self,
+        messages: list[Message],
+        media: list[Any],
+        frames: int,
+        max_tiles: int | None,
+        started: float,
+        thinking: bool,
     ) -> tuple[Prepared, list[Message]]:
         payloads = await asyncio.gather(
             *(
@@ -328,6 +338,7 @@ class ChatService:
             template=self.template,
             system_message=self.spec.system_message,
             media_tiles=[tiles for tiles, _ in blocks],
+            thinking=thinking,
         )
         import torch
 
