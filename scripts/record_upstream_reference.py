@@ -14,6 +14,19 @@ InternLM2 with pixel shuffle v1) and
 OUT_DIR/internlm2_tokenizer_reference.json (InternLM2Tokenizer on the tiny
 sentencepiece models in tests/data/internlm2_tokenizer). The tests compare
 the converted checkpoints and tokenizers against these files.
+
+InternVL3.5's backbones (Qwen3, Qwen3-MoE, GPT-OSS) need the code and the
+Transformers version of InternVL3.5's training folder, so they are recorded
+in a second environment and merged into the same file:
+
+    #   pip install torch==2.13.0 transformers==4.55.0 einops sentencepiece safetensors numpy accelerate==1.9.0
+    # (4.55.0 is what internvl_chat_gpt_oss/requirements.txt pins); the stub
+    # package must provide timm.layers.DropPath, which that folder imports
+    PYTHONPATH=STUBS:THIS_REPO python scripts/record_upstream_reference.py --internvl3-5 \
+        --internvl-src INTERNVL/internvl_chat_gpt_oss --out OUT_DIR --merge-into tests/data/upstream_logits.json
+
+Each such entry records its environment under "recorded_with"; entries
+already in the file are kept as they are.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -35,6 +49,13 @@ CASES: dict[str, dict] = {
     # InternVL 1.5's pixel shuffle (Mini-InternVL-Chat-2B-V1-5: InternLM2, InternViT-300M).
     "internlm2_ps_v1": {"backbone": "internlm2", "vision_style": "300m", "ps_version": "v1"},
 }
+#: InternVL3.5's language models (InternVL3.5-1B..38B: Qwen3; 30B-A3B and
+#: 241B-A28B: Qwen3-MoE; GPT-OSS-20B-A4B-Preview: GPT-OSS).
+CASES_3_5: dict[str, dict] = {
+    "qwen3": {"backbone": "qwen3", "vision_style": "300m"},
+    "qwen3_moe": {"backbone": "qwen3_moe", "vision_style": "300m"},
+    "gpt_oss": {"backbone": "gpt_oss", "vision_style": "300m"},
+}
 TEXTS = [
     "Hello world", " leading space", "trailing space ", "a  b\n\nc", "你好，世界 123", "3.14 2026",
     "<|im_start|>user\nhi<|im_end|>",
@@ -47,21 +68,32 @@ TEXTS = [
 ]  # fmt: skip
 
 
-def logits(out: Path) -> None:
+def logits(out: Path, cases: dict[str, dict]) -> dict:
     import torch
     import transformers
     from internvl.model.internvl_chat import InternVLChatConfig, InternVLChatModel
+    from safetensors.torch import load_file
 
     from internvl_launch.checkpoint.tiny_original import TinyOriginalConfig, fidelity_inputs, generate_tiny_original
 
     result: dict = {"transformers": transformers.__version__, "torch": torch.__version__, "models": {}}
-    for name, settings in CASES.items():
+    for name, settings in cases.items():
         config = TinyOriginalConfig(**settings)
         path = generate_tiny_original(out / "checkpoints" / name, config)
         cfg = InternVLChatConfig.from_pretrained(path)
         cfg.llm_config.attn_implementation = cfg.llm_config._attn_implementation = "eager"
         model = InternVLChatModel.from_pretrained(path, config=cfg, torch_dtype=torch.float32, use_flash_attn=False)
         model.eval()
+        if any(p.dtype != torch.float32 for p in model.mlp1.parameters()):
+            # InternVL3.5's InternVLChatModel.__init__ casts mlp1 to bfloat16,
+            # so the weights were loaded rounded: back to float32, reloaded.
+            state = load_file(path / "model.safetensors")
+            model.mlp1.float().load_state_dict(
+                {k[len("mlp1.") :]: v for k, v in state.items() if k.startswith("mlp1.")}
+            )
+        loaded = model.state_dict()
+        differ = [k for k, v in load_file(path / "model.safetensors").items() if not torch.equal(loaded[k], v)]
+        assert not differ, f"{name}: parameters differ from the file: {differ[:3]}"
         added = {t["content"]: t["id"] for t in json.loads((path / "tokenizer.json").read_text())["added_tokens"]}
         ctx, start, end = (added[t] for t in ("<IMG_CONTEXT>", "<img>", "</img>"))
         model.img_context_token_id = ctx
@@ -84,7 +116,26 @@ def logits(out: Path) -> None:
             "abs_sum": float(values.double().abs().sum()),
             "greedy_last": int(values[-1].argmax()),
         }
-    (out / "upstream_logits.json").write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n")
+    return result
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Indented JSON with each list of numbers on one line (a logit row per line)."""
+    text = json.dumps(data, ensure_ascii=False, indent=1)
+    number = r"-?[0-9][0-9.eE+-]*"
+    rows = re.compile(rf"\[\n\s*({number}(?:,\n\s*{number})*)\n\s*\]")
+    text = rows.sub(lambda m: "[" + re.sub(r",\n\s*", ",", m.group(1)) + "]", text)
+    path.write_text(text + "\n")
+
+
+def merge(recorded: dict, into: Path, source: str) -> dict:
+    """`into`'s entries, unchanged, plus the newly recorded ones, each with
+    the environment it was recorded in."""
+    data = json.loads(into.read_text())
+    for name, entry in recorded["models"].items():
+        environment = {"transformers": recorded["transformers"], "torch": recorded["torch"], "source": source}
+        data["models"][name] = {"recorded_with": environment, **entry}
+    return data
 
 
 def tokenizer(out: Path) -> None:
@@ -107,12 +158,25 @@ def tokenizer(out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--internvl-src", required=True, help="OpenGVLab/InternVL's internvl_chat directory")
+    parser.add_argument(
+        "--internvl-src",
+        required=True,
+        help="OpenGVLab/InternVL's internvl_chat directory (internvl_chat_gpt_oss with --internvl3-5)",
+    )
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--internvl3-5", action="store_true", help="record InternVL3.5's backbones only")
+    parser.add_argument("--merge-into", type=Path, help="with --internvl3-5: add the entries to this JSON file")
+    parser.add_argument("--source", default="OpenGVLab/InternVL 2410d1d internvl_chat_gpt_oss/internvl/model")
     args = parser.parse_args()
     sys.path.insert(0, args.internvl_src)
     args.out.mkdir(parents=True, exist_ok=True)
-    logits(args.out)
+    if args.internvl3_5:
+        recorded = logits(args.out, CASES_3_5)
+        write_json(args.out / "upstream_logits_internvl3_5.json", recorded)
+        if args.merge_into:
+            write_json(args.merge_into, merge(recorded, args.merge_into, args.source))
+        return 0
+    write_json(args.out / "upstream_logits.json", logits(args.out, CASES))
     tokenizer(args.out)
     return 0
 

@@ -95,6 +95,72 @@ def test_the_reference_catches_a_wrong_grouped_query_split(
     assert _worst(_logits(Path(out.destination)), REFERENCE["models"]["internlm2"]) > 100 * TOLERANCE
 
 
+def test_internvl3_5_references_come_from_the_internvl3_5_code() -> None:
+    """Qwen3, Qwen3-MoE and GPT-OSS were recorded with InternVL3.5's own
+    InternVLChatModel (it builds the language model with AutoModelForCausalLM)
+    under the Transformers version that code pins."""
+    for name in ("qwen3", "qwen3_moe", "gpt_oss"):
+        entry = REFERENCE["models"][name]
+        assert entry["generator_config"]["backbone"] == name
+        assert entry["recorded_with"]["transformers"] == "4.55.0"
+        assert "internvl_chat_gpt_oss" in entry["recorded_with"]["source"]
+
+
+def test_qwen3_moe_experts_keep_one_linear_each_and_load_stacked(converted: dict[str, Path]) -> None:
+    """On disk the experts stay as Transformers 5 saves them (one Linear per
+    expert); loading stacks them into (experts, 2 * width, hidden) with gate
+    above up, and (experts, hidden, width)."""
+    from transformers import InternVLForConditionalGeneration
+
+    path = converted["qwen3_moe"]
+    tensors = load_file(path / "model.safetensors")
+    prefix = "language_model.model.layers.1.mlp."
+    assert prefix + "gate.weight" in tensors and prefix + "experts.3.down_proj.weight" in tensors
+    model = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    experts = model.model.language_model.layers[1].mlp.experts
+    gate = torch.stack([tensors[f"{prefix}experts.{e}.gate_proj.weight"] for e in range(4)])
+    up = torch.stack([tensors[f"{prefix}experts.{e}.up_proj.weight"] for e in range(4)])
+    down = torch.stack([tensors[f"{prefix}experts.{e}.down_proj.weight"] for e in range(4)])
+    assert torch.equal(experts.gate_up_proj, torch.cat([gate, up], dim=1))
+    assert torch.equal(experts.down_proj, down)
+
+
+def test_the_reference_catches_gpt_oss_gate_and_up_read_as_halves(converted: dict[str, Path], tmp_path: Path) -> None:
+    """GPT-OSS interleaves gate and up column by column in gate_up_proj;
+    reading them as two halves (the Qwen3-MoE convention) must move the
+    logits far beyond the tolerance."""
+    src = converted["gpt_oss"]
+    wrong = _copy(src, tmp_path / "wrong")
+    tensors = load_file(src / "model.safetensors")
+    for key in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.gate_up_proj_bias"))]:
+        halves = tensors[key].chunk(2, dim=-1)
+        tensors[key] = torch.stack(halves, dim=-1).flatten(-2).contiguous()  # halves re-read as interleaved
+    save_file(tensors, str(wrong / "model.safetensors"), metadata={"format": "pt"})
+    assert _worst(_logits(wrong), REFERENCE["models"]["gpt_oss"]) > 100 * TOLERANCE
+
+
+def test_a_tied_qwen3_head_stays_tied(converted: dict[str, Path]) -> None:
+    """InternVL3.5's config follows llm_config.tie_word_embeddings (Qwen3-0.6B
+    ties); such a checkpoint has no head of its own, and neither has the result."""
+    config = json.loads((converted["qwen3"] / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True and config["text_config"]["tie_word_embeddings"] is True
+    assert not any(k.startswith("lm_head.") for k in load_file(converted["qwen3"] / "model.safetensors"))
+    gpt_oss = json.loads((converted["gpt_oss"] / "config.json").read_text())["text_config"]
+    assert gpt_oss["layer_types"] == ["sliding_attention", "full_attention"] and gpt_oss["sliding_window"] == 64
+
+
+@pytest.mark.parametrize("backbone", ["qwen3", "qwen3_moe", "gpt_oss"])
+def test_internvl3_5_checkpoints_describe_themselves(
+    originals: dict[str, Path], converted: dict[str, Path], backbone: str
+) -> None:
+    from internvl_launch.checkpoint.local import describe_checkpoint
+
+    for path in (originals[backbone], converted[backbone]):
+        local = describe_checkpoint(path)
+        assert (local.arch, local.template, local.head_dim, local.kv_heads) == (backbone, "internvl2_5", 32, 2)
+    assert describe_checkpoint(originals[backbone]).parameters == describe_checkpoint(converted[backbone]).parameters
+
+
 def test_conversion_writes_a_native_checkpoint_with_the_template_end_token(converted: dict[str, Path]) -> None:
     for name, path in converted.items():
         backbone = REFERENCE["models"][name]["generator_config"]["backbone"]

@@ -425,7 +425,12 @@ def generate_tiny_original(
     cfg["torch_dtype"] = cfg["llm_config"]["torch_dtype"] = config.dtype
     dtype = getattr(torch, config.dtype)
     gen = torch.Generator().manual_seed(config.seed)
-    tensors = {name: _value(name, shape, gen).to(dtype) for name, shape in tensor_shapes(config, vocab).items()}
+    tensors = {name: _value(name, shape, gen) for name, shape in tensor_shapes(config, vocab).items()}
+    if config.backbone == "qwen3":
+        # Its head is the embedding: scaled like the other heads, so the logits stay of order one.
+        key = "language_model.model.embed_tokens.weight"
+        tensors[key] = tensors[key] / config.text_hidden**0.5
+    tensors = {name: value.to(dtype) for name, value in tensors.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     tokenizer.save_pretrained(out)
