@@ -223,8 +223,27 @@ def test_typed_placeholder_is_not_an_image_in_openai_messages() -> None:
 def test_stop_is_the_separator_token(name: str) -> None:
     t = get_template(name)
     p = build_prompt([Message("user", ("hi",))], template=t, system_message="S")
-    assert p.stop == (("<|end|>",) if name == "phi3-chat" else ("<|im_end|>",))
-    assert t.stop_token == t.sep.strip()
+    expected = {"phi3-chat": "<|end|>", "internvl3_5_gpt_oss": "<|return|>"}.get(name, "<|im_end|>")
+    assert p.stop == (expected,)
+    assert t.stop_token == (t.end or t.sep.strip())
+
+
+def test_gpt_oss_template_writes_harmony_turns_as_conversation_py_does() -> None:
+    # MPT_TWO: earlier turns end with <|end|>; the prompt ends on the bare assistant role; the reply ends with <|return|>.
+    t = get_template("internvl3_5_gpt_oss")
+    p = build_prompt(
+        [Message("user", ("hi",)), Message("assistant", ("hello",)), Message("user", ("again",))],
+        template=t,
+        system_message="S",
+    )
+    assert p.text == (
+        "<|start|>system<|message|>S<|end|>"
+        "<|start|>user<|message|>hi<|end|>"
+        "<|start|>assistant" + "hello<|end|>"
+        "<|start|>user<|message|>again<|end|>"
+        "<|start|>assistant"
+    )
+    assert p.stop == ("<|return|>",)
 
 
 # --- errors ----------------------------------------------------------------

@@ -125,6 +125,9 @@ def chat_template(template: str, system_message: str) -> str:
     the checkpoint agree."""
     if template == "phi3-chat":
         sys_open, user, assistant, sep = "<|system|>\n", "<|user|>\n", "<|assistant|>\n", "<|end|>"
+    elif template == "internvl3_5_gpt_oss":
+        sys_open, user = "<|start|>system<|message|>", "<|start|>user<|message|>"
+        assistant, sep = "<|start|>assistant", "<|end|>"
     else:
         sys_open, user, assistant = "<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n"
         sep = "<|im_end|>\n" if template == "internvl2_5" else "<|im_end|>"

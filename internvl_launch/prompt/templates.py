@@ -1,4 +1,4 @@
-"""The four conversation templates InternVL checkpoints were trained with.
+"""The conversation templates InternVL checkpoints were trained with.
 
 All are "MPT style": the system part, then `role + message + sep` for each
 message, ending with the bare assistant role. The strings are the ones the
@@ -31,12 +31,15 @@ class Template:
     #: Special tokens the template itself writes; they are kept as tokens, while
     #: the same text typed in a message is tokenized as plain text.
     special_tokens: tuple[str, ...]
+    #: The token that ends the assistant's reply when it is not the separator
+    #: (InternVL3.5-GPT-OSS: turns end with `<|end|>`, the reply with `<|return|>`).
+    end: str | None = None
 
     @property
     def stop_token(self) -> str:
-        """The token that ends a reply: the separator without whitespace. The
-        original sets `eos_token_id` to it and cuts the answer there."""
-        return self.sep.strip()
+        """The token that ends a reply: the separator without whitespace (or
+        `end`). The original sets `eos_token_id` to it and cuts the answer there."""
+        return self.end or self.sep.strip()
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -81,6 +84,17 @@ TEMPLATES: dict[str, Template] = {
             "<|im_end|>\n",
             _CHATML,
         ),
+        # InternVL3.5-GPT-OSS: GPT-OSS's harmony markers (OpenGVLab/InternVL
+        # internvl_chat_gpt_oss/internvl/model/internvl_chat/conversation.py, MPT_TWO
+        # style: earlier turns end with sep, the model's reply with sep2).
+        Template(
+            "internvl3_5_gpt_oss",
+            "<|start|>system<|message|>{system_message}",
+            ("<|start|>user<|message|>", "<|start|>assistant"),
+            "<|end|>",
+            ("<|start|>", "<|message|>", "<|end|>", "<|return|>", "<|channel|>"),
+            end="<|return|>",
+        ),
     )
 }
 
@@ -107,4 +121,10 @@ DEFAULT_SYSTEM_MESSAGES: dict[str, str] = {
     "internlm2-chat": _INTERNVL2_SYSTEM,
     "phi3-chat": _INTERNVL2_SYSTEM,
     "internvl2_5": _INTERNVL2_5_SYSTEM,
+    # The same conversation.py's default for internvl3_5_gpt_oss, to the letter.
+    "internvl3_5_gpt_oss": (
+        "You are InternVL, a large language model trained by Shanghai AI Laboratory.\nKnowledge cutoff: 2024-06\n"
+        "Current date: 2025-08-06\n\nReasoning: low\n\n# Valid channels: final. Channel must be included for every "
+        "message."
+    ),
 }
