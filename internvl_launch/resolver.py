@@ -374,7 +374,7 @@ def select_model_with_provenance(
             from internvl_launch.checkpoint.local import describe_checkpoint
 
             local = describe_checkpoint(request.model_path)
-            spec = replace(spec, layout=local.layout)  # type: ignore[arg-type]
+            spec = replace(spec, layout=local.layout, pixel_shuffle=local.pixel_shuffle)  # type: ignore[arg-type]
             provenance = {"spec": f"registry: {family.name} (--model-name)", "layout": local.provenance["layout"]}
         if request.template:
             from internvl_launch.prompt.templates import DEFAULT_SYSTEM_MESSAGES
@@ -463,6 +463,7 @@ def _local_model(request: LaunchRequest) -> tuple[Family, Spec, str, list[str], 
         stop=_stops(template),
         max_tiles=local.max_tiles,
         layout=local.layout,  # type: ignore[arg-type]
+        pixel_shuffle=local.pixel_shuffle,  # type: ignore[arg-type]
     )
     family = Family(
         name=local.path.name or "local",
@@ -642,12 +643,9 @@ def _engine_check(
     if not info.available:
         return info.reason or f"{engine} is not installed"
     kind = quant_kind(spec.format, quantization)
-    if spec.pixel_shuffle == "v1":
-        if engine == "transformers":
-            return (
-                "this checkpoint uses pixel shuffle v1 (InternVL 1.5), which Transformers' native InternVL does "
-                "not compute, and this engine runs no checkpoint code"
-            )
+    if spec.pixel_shuffle == "v1" and engine == "vllm":
+        # The Transformers engine computes v1 on the converted checkpoint; vLLM's
+        # native InternVL computes v2 only, so it needs the original with its own code.
         if not trust:
             return (
                 "pixel shuffle v1 is computed only by InternVL's original model, which vLLM serves with the "
@@ -724,8 +722,8 @@ def _choose_engine(
 def _ways_out(rule: EngineRule, spec: Spec) -> str:
     if spec.pixel_shuffle == "v1" and rule.engines:
         return (
-            "Serve it on vLLM with the checkpoint's own code (--model-engine vllm --trust-remote-code, on a CUDA "
-            "machine), or choose InternVL2 at the same size, whose checkpoints use pixel shuffle v2."
+            "Use the Transformers engine (--model-engine transformers), which computes pixel shuffle v1 on the "
+            "converted checkpoint, or vLLM with the checkpoint's own code (--trust-remote-code)."
         )
     if rule.quant_kind == "awq":
         return (

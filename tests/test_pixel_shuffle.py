@@ -139,6 +139,8 @@ def test_vllm_is_not_handed_a_v1_checkpoint_it_would_run_as_v2(
 ) -> None:
     """vLLM's native InternVL ignores the marker: the weights step refuses
     before converting, unless the original is served with its own code."""
+    from dataclasses import replace
+
     from conftest import make_env
 
     from internvl_launch.errors import EngineUnavailableError
@@ -149,12 +151,31 @@ def test_vllm_is_not_handed_a_v1_checkpoint_it_would_run_as_v2(
 
     path = originals[V1] if layout == "original" else converted[V1]
     request = LaunchRequest("", engine="vllm", model_path=str(path), memory_check=False)
-    plan = resolve_plan(load_registry(), request, make_env([], vllm="cpu"))
+    # The plan reads the checkpoint's pixel shuffle and refuses before anything else.
     with pytest.raises(EngineUnavailableError, match="pixel shuffle v1") as err:
-        locate_weights(plan)
-    assert "--trust-remote-code" in (err.value.hint or "")
+        resolve_plan(load_registry(), request, make_env([], vllm="cpu"))
+    assert "--trust-remote-code" in (err.value.hint or "") + err.value.message
+    trusted = resolve_plan(load_registry(), replace(request, trust_remote_code=True), make_env([], vllm="cpu"))
     if layout == "original":
-        assert locate_weights(plan, trust_remote_code=True) == path
-    else:  # a v2 checkpoint goes through as before
+        assert locate_weights(trusted, trust_remote_code=True) == path
+    else:  # a converted v1 checkpoint has no code of its own: the weights step refuses it
+        with pytest.raises(EngineUnavailableError, match="pixel shuffle v1"):
+            locate_weights(trusted, trust_remote_code=True)
         v2 = LaunchRequest("", engine="vllm", model_path=str(converted["internlm2"]), memory_check=False)
         assert locate_weights(resolve_plan(load_registry(), v2, make_env([], vllm="cpu"))) == converted["internlm2"]
+
+
+def test_a_local_v1_checkpoint_is_planned_on_the_engine_that_computes_v1(originals: dict[str, Path]) -> None:
+    """--model-path reads ps_version: on a GPU machine with vLLM, a v1 checkpoint
+    goes to the Transformers engine instead of failing at the weights step."""
+    from conftest import make_env
+
+    from internvl_launch.registry import load_registry
+    from internvl_launch.request import LaunchRequest
+    from internvl_launch.resolver import resolve_plan
+
+    gpu = make_env([("NVIDIA H100 80GB HBM3", 80)])
+    plan = resolve_plan(load_registry(), LaunchRequest("", model_path=str(originals[V1])), gpu)
+    assert plan.spec.pixel_shuffle == "v1" and plan.engine == "transformers"
+    assert "pixel shuffle v1" in plan.rejected_engines["vllm"]
+    assert plan.provenance["pixel_shuffle"] == "config.json ps_version"

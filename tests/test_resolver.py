@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from conftest import ENVIRONMENTS, make_env
@@ -25,8 +26,8 @@ def documented_engine(spec: Spec, quantization: str, env: Environment) -> str | 
     """The engine rules as README states them, written independently of the resolver."""
     gpu = bool(env.gpus)
     vllm_ok = env.engine("vllm").available and env.engine("vllm").variant == "cuda" and gpu
-    if spec.pixel_shuffle == "v1":
-        return None  # only vLLM with the checkpoint's own code, which these requests do not allow
+    if spec.pixel_shuffle == "v1" and quantization == "none":
+        return "transformers"  # vLLM computes v1 only with the checkpoint's own code, not asked for here
     if spec.format == "awq":
         if vllm_ok and all(float(g.compute_capability or 0) >= 7.5 for g in env.gpus):
             return "vllm"
@@ -53,8 +54,7 @@ def test_every_spec_resolves_in_every_environment(family: Family, spec: Spec, qu
             resolve_plan(REGISTRY, request, env)
         if quantization == "Int8":
             assert "--quantization 8-bit at --size-in-billions 26" in (info.value.hint or "")
-        elif spec.pixel_shuffle == "v1":
-            assert "--trust-remote-code" in (info.value.hint or "") and "pixel shuffle v1" in str(info.value)
+
         else:
             assert "Install vLLM" in (info.value.hint or "") and "--quantization 4-bit" in (info.value.hint or "")
         return
@@ -66,7 +66,12 @@ def test_every_spec_resolves_in_every_environment(family: Family, spec: Spec, qu
         assert family.name != "internvl-tiny"
         return
     assert plan.engine == expected
-    assert plan.spec == spec and plan.quantization == quantization
+    # A spec with a native-layout twin is planned on the twin: same spec, native layout, no conversion.
+    twin = bool(spec.native_hubs)
+    assert plan.spec == (replace(spec, layout="native") if twin else spec) and plan.quantization == quantization
+    assert plan.needs_conversion == (spec.layout == "original" and not twin)
+    if "huggingface" in spec.hubs:
+        assert plan.repo_id == (spec.native_hubs["huggingface"] if twin else spec.repo_id("huggingface", quantization))
     assert plan.memory.fits
     assert plan.device == ("cuda" if env.gpus else "cpu")
     if plan.device == "cuda":
@@ -324,18 +329,18 @@ def test_missing_bitsandbytes_is_named() -> None:
         plan(env, model_name="internvl2", size=8, quantization="8-bit")
 
 
-def test_pixel_shuffle_v1_runs_only_with_the_checkpoints_code() -> None:
-    # InternVL 1.5: Transformers' native model computes pixel shuffle v2 only.
-    with pytest.raises(EngineUnavailableError, match="pixel shuffle v1") as info:
-        plan("no-gpu", model_name="internvl-chat", size=2)
-    assert "--trust-remote-code" in (info.value.hint or "")
-    with pytest.raises(EngineUnavailableError, match="pass --trust-remote-code"):
+def test_pixel_shuffle_v1_runs_on_transformers_or_on_vllm_with_the_checkpoints_code() -> None:
+    # InternVL 1.5: the Transformers engine computes v1 on the conversion; vLLM's native model only v2.
+    p = plan("1x80GB", model_name="internvl-chat", size=2)
+    assert p.engine == "transformers" and p.needs_conversion
+    assert "pass --trust-remote-code" in p.rejected_engines["vllm"]
+    with pytest.raises(EngineUnavailableError, match="pass --trust-remote-code") as info:
         plan("1x80GB", model_name="internvl-chat", size=2, engine="vllm")
+    assert "--model-engine transformers" in (info.value.hint or "")
     p = plan("1x80GB", model_name="internvl-chat", size=2, trust_remote_code=True)
     assert p.engine == "vllm" and not p.needs_conversion
-    assert [r.kind for r in p.requirements] == ["remote_code", "limit"] and p.requirements[
-        0
-    ].flag == "--trust-remote-code"
+    assert [r.kind for r in p.requirements] == ["remote_code", "limit"]
+    assert p.requirements[0].flag == "--trust-remote-code" and "pixel shuffle v1" in p.requirements[0].detail
     assert "no video" in p.requirements[1].detail and "internlm2" in p.requirements[1].detail
     # An InternVL2 checkpoint with the same flag: served as is, said up front.
     p = plan("1x80GB", model_name="internvl2", size=2, trust_remote_code=True)

@@ -18,7 +18,7 @@ import pickle
 import struct
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ class LocalCheckpoint:
     format: str  # pytorch | awq
     weight_files: tuple[str, ...]
     provenance: dict[str, str] = field(default_factory=dict)
+    pixel_shuffle: str = "v2"  # v1 (InternVL 1.5) | v2
 
     @property
     def size(self) -> float:
@@ -291,9 +292,14 @@ def describe_checkpoint(path: str | Path) -> LocalCheckpoint:
     archs = config.get("architectures") or []
     prov: dict[str, str] = {}
     if "InternVLForConditionalGeneration" in archs:
-        return _describe_native(root, config, prov)
+        shuffle = str(config.get("internvl_launch_pixel_shuffle", "v2"))
+        prov["pixel_shuffle"] = "config.json internvl_launch_pixel_shuffle" if shuffle == "v1" else "native layout: v2"
+        return replace(_describe_native(root, config, prov), pixel_shuffle=shuffle)
     if "InternVLChatModel" in archs or "llm_config" in config:
-        return _describe_original(root, config, prov)
+        # The original code reads an absent ps_version as v1.
+        shuffle = str(config.get("ps_version", "v1"))
+        prov["pixel_shuffle"] = "config.json ps_version" if "ps_version" in config else "ps_version absent: v1"
+        return replace(_describe_original(root, config, prov), pixel_shuffle=shuffle)
     raise CheckpointError(
         f"{root} is not an InternVL checkpoint: config.json names "
         f"{', '.join(map(str, archs)) or 'no architecture'} (model_type {config.get('model_type', 'unset')}).",
