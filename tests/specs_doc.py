@@ -80,7 +80,7 @@ def reason(err: BaseException | None) -> str:
     if "AWQ kernel" in text or "awq" in text.lower():
         return "AWQ runs on vLLM, or Transformers with gptqmodel (not installed)"
     if "pixel shuffle v1" in text:
-        return "pixel shuffle v1 (InternVL 1.5) runs only with the checkpoint's own code (--trust-remote-code on vLLM)"
+        return "pixel shuffle v1 (InternVL 1.5) needs the checkpoint's own code on vLLM (--trust-remote-code)"
     if "saved already quantized by bitsandbytes" in text or "bitsandbytes-saved" in text:
         return "saved by bitsandbytes, which no engine reads; `-q 8-bit` quantizes at load time"
     return text.splitlines()[0][:120] if text else "refused"

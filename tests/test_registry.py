@@ -61,7 +61,18 @@ def test_every_shipped_file_validates(path: Path) -> None:
 
 def test_the_families_the_project_promises() -> None:
     names = {f.name for f in load_registry().families}
-    assert names == {"internvl-chat", "internvl2", "internvl2.5", "internvl2.5-mpo", "internvl3", "internvl-tiny"}
+    assert names == {
+        "internvl-chat",
+        "internvl2",
+        "internvl2.5",
+        "internvl2.5-mpo",
+        "internvl3",
+        "internvl3.5",
+        "internvl3.5-instruct",
+        "internvl3.5-mpo",
+        "internvl3.5-pretrained",
+        "internvl-tiny",
+    }
 
 
 def test_internvl2_matches_the_seed_exactly() -> None:

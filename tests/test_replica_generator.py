@@ -52,8 +52,9 @@ def test_replica_has_the_structure_of_its_repository(repo_id: str, tmp_path: Pat
     stem, ext = ("pytorch_model", "bin") if facts.weights == "pickle" else ("model", "safetensors")
     shards = sorted(f for f in files if f.endswith("." + ext))
     assert shards, files
+    count = min(facts.shards, len(weight_names(out)))  # a replica has fewer tensors than 97 shards
     if facts.shards > 1:
-        assert shards == [f"{stem}-{i:05d}-of-{facts.shards:05d}.{ext}" for i in range(1, facts.shards + 1)]
+        assert shards == [f"{stem}-{i:05d}-of-{count:05d}.{ext}" for i in range(1, count + 1)]
         index = json.loads((out / f"{stem}.{ext}.index.json").read_text())
         assert set(index["weight_map"].values()) == set(shards)
     else:

@@ -159,6 +159,14 @@ def _write_tokenizer(facts: RepoFacts, out: Path, template: str) -> tuple[int, i
 
     tokenizer = train_tokenizer(TinyConfig(template=template))
     tokenizer.chat_template = None
+    if facts.backbone in ("qwen3", "qwen3_moe"):
+        # Qwen3's vocabulary has the thinking tags as plain (not special) tokens.
+        tokenizer.add_tokens(["<think>", "</think>"], special_tokens=False)
+    if template == "internvl3_5_gpt_oss":
+        # GPT-OSS's harmony markers are special tokens of its tokenizer; replies end with <|return|>.
+        harmony = ["<|start|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>"]
+        tokenizer.add_tokens(harmony, special_tokens=True)
+        tokenizer.eos_token = "<|return|>"
     tokenizer.save_pretrained(out)
     (out / "chat_template.jinja").unlink(missing_ok=True)
     config_path = out / "tokenizer_config.json"
@@ -167,7 +175,7 @@ def _write_tokenizer(facts: RepoFacts, out: Path, template: str) -> tuple[int, i
         # Qwen2's slow files, beside tokenizer.json or (bpe-vocab-merges) instead of it.
         tokenizer.backend_tokenizer.model.save(str(out))
         vocab = tokenizer.get_vocab()
-        added = {t: vocab[t] for t in tokenizer.all_special_tokens}
+        added = {t: vocab[t] for t in (*tokenizer.all_special_tokens, "<think>", "</think>") if t in vocab}
         (out / "added_tokens.json").write_text(json.dumps(added, indent=2) + "\n")
     if facts.tokenizer == "bpe-vocab-merges":
         (out / "tokenizer.json").unlink()
@@ -223,7 +231,13 @@ def _tensors(facts: RepoFacts, dims: TinyOriginalConfig, vocab: int, seed: int) 
 
     gen = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, str(facts.config.get("torch_dtype", "bfloat16")))
-    tensors = {name: _value(name, shape, gen) for name, shape in tensor_shapes(dims, vocab).items()}
+    shapes = tensor_shapes(dims, vocab)
+    head = "language_model.lm_head.weight"
+    if facts.llm.get("tie_word_embeddings"):
+        shapes.pop(head, None)  # a tied head is stored once, as the embeddings
+    elif head not in shapes and "language_model.output.weight" not in shapes:
+        shapes[head] = (vocab, dims.text_hidden)  # an untied head (Qwen3-8B and larger)
+    tensors = {name: _value(name, shape, gen) for name, shape in shapes.items()}
     if facts.quantization:
         from internvl_launch.checkpoint.awq import pack_awq
 
@@ -291,7 +305,21 @@ def _config(facts: RepoFacts, dims: TinyOriginalConfig, vocab: int, eos: int, pa
     config.update({k: v for k, v in facts.config.items()})
     llm = config["llm_config"]
     head_dim = dims.text_hidden // dims.text_heads
-    shrunk = {"hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "head_dim"}
+    # Widths, layer counts and expert counts are the generator's; everything else is the real file's.
+    shrunk = {
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "vocab_size",
+        "head_dim",
+        "num_experts",
+        "num_local_experts",
+        "num_experts_per_tok",
+        "experts_per_token",
+        "moe_intermediate_size",
+        "layer_types",
+        "max_window_layers",
+    }
     for key, value in facts.llm.items():
         if key not in shrunk:
             llm[key] = value
