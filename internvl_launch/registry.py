@@ -28,7 +28,7 @@ from internvl_launch.paths import cache_dir, user_specs_dir
 SCHEMA_VERSION = 4
 
 Format = Literal["pytorch", "awq"]
-Template = Literal["Hermes-2", "internlm2-chat", "phi3-chat", "internvl2_5"]
+Template = Literal["Hermes-2", "internlm2-chat", "phi3-chat", "internvl2_5", "internvl3_5_gpt_oss"]
 LLMArch = Literal["qwen2", "internlm2", "llama", "phi3", "qwen3", "qwen3_moe", "gpt_oss"]
 Hub = Literal["huggingface", "modelscope", "builtin", "local"]
 Layout = Literal["original", "native"]
