@@ -720,6 +720,12 @@ def _choose_engine(
 
 
 def _ways_out(rule: EngineRule, spec: Spec) -> str:
+    if spec.pixel_shuffle == "v1" and rule.quant_kind == "awq":
+        return (
+            "Serve it on vLLM with the checkpoint's own code (--model-engine vllm --trust-remote-code), install "
+            "gptqmodel for the Transformers engine, or quantize the full-precision model at load time: "
+            "--model-format pytorch --quantization 4-bit."
+        )
     if spec.pixel_shuffle == "v1" and rule.engines:
         return (
             "Use the Transformers engine (--model-engine transformers), which computes pixel shuffle v1 on the "

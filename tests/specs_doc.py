@@ -77,6 +77,8 @@ def write_table(observed: dict[str, dict[str, str]], *, columns: tuple[str, ...]
 def reason(err: BaseException | None) -> str:
     """A refusal as a table cell: what a reader needs, in a few words."""
     text = str(err or "")
+    if "pixel shuffle v1" in text and "awq" in text.lower():
+        return "AWQ with pixel shuffle v1: vLLM with the checkpoint's own code (--trust-remote-code), or gptqmodel"
     if "AWQ kernel" in text or "awq" in text.lower():
         return "AWQ runs on vLLM, or Transformers with gptqmodel (not installed)"
     if "pixel shuffle v1" in text:

@@ -64,6 +64,7 @@ def test_the_families_the_project_promises() -> None:
     assert names == {
         "internvl-chat",
         "internvl2",
+        "internvl2-mpo",
         "internvl2.5",
         "internvl2.5-mpo",
         "internvl3",

@@ -87,7 +87,11 @@ def run_row(family: Family, spec: Spec, hub: StandInHub, root: Path) -> dict[str
         cells["download"] = f"✘ refused by the plan: {specs_doc.reason(refusal)}"
         return cells
     # A spec no engine here can run is still fetched and converted as vLLM would get it.
-    fetch_plan = plan or resolve_plan(REGISTRY, replace(request, engine="vllm"), CPU_VLLM)
+    try:
+        fetch_plan = plan or resolve_plan(REGISTRY, replace(request, engine="vllm"), CPU_VLLM)
+    except InternVLError:
+        cells["download"] = f"✘ refused by the plan: {specs_doc.reason(refusal)}"
+        return cells
     # The repository the plan fetches first (a native-layout twin where one exists).
     hub.add_directory(fetch_plan.repo_id, cached_replica(fetch_plan.repo_id, root))
     try:

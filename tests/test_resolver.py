@@ -26,8 +26,11 @@ def documented_engine(spec: Spec, quantization: str, env: Environment) -> str | 
     """The engine rules as README states them, written independently of the resolver."""
     gpu = bool(env.gpus)
     vllm_ok = env.engine("vllm").available and env.engine("vllm").variant == "cuda" and gpu
-    if spec.pixel_shuffle == "v1" and quantization == "none":
-        return "transformers"  # vLLM computes v1 only with the checkpoint's own code, not asked for here
+    if spec.pixel_shuffle == "v1":  # vLLM computes v1 only with the checkpoint's own code, not asked for here
+        if spec.format == "awq":
+            return "transformers" if env.has_package("gptqmodel") else None
+        if quantization == "none":
+            return "transformers"
     if spec.format == "awq":
         if vllm_ok and all(float(g.compute_capability or 0) >= 7.5 for g in env.gpus):
             return "vllm"
@@ -54,6 +57,10 @@ def test_every_spec_resolves_in_every_environment(family: Family, spec: Spec, qu
             resolve_plan(REGISTRY, request, env)
         if quantization == "Int8":
             assert "--quantization 8-bit at --size-in-billions 26" in (info.value.hint or "")
+        elif spec.pixel_shuffle == "v1":
+            assert "--trust-remote-code" in (info.value.hint or "") and "--quantization 4-bit" in (
+                info.value.hint or ""
+            )
 
         else:
             assert "Install vLLM" in (info.value.hint or "") and "--quantization 4-bit" in (info.value.hint or "")
