@@ -171,3 +171,40 @@ def test_registry_figures_match_the_real_repository(family: Family, spec: Spec) 
     assert spec.weights == facts.weights, "the plan must say beforehand that the weights are pickles"
     assert spec.pixel_shuffle == facts.config.get("ps_version", "v1"), "the plan must know what converts"
     assert (spec.format == "awq") == bool(facts.quantization and facts.quantization["quant_method"] == "awq")
+
+
+def test_internvl_1_5_chats_on_the_transformers_engine_from_the_cli(
+    hub: StandInHub,
+    replica_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    run_cli,  # type: ignore[no-untyped-def]
+) -> None:
+    """`internvl chat -n internvl-chat -s 2` with pixel shuffle v1, from its replica, as a user would type it."""
+    import json
+
+    from PIL import Image
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    repo = "OpenGVLab/Mini-InternVL-Chat-2B-V1-5"
+    hub.add_directory(repo, cached_replica(repo, replica_root))
+    Image.new("RGB", (640, 480), (30, 120, 200)).save(tmp_path / "a.png")
+    code, out, err = run_cli(
+        "chat", "-n", "internvl-chat", "-s", "2", "--image", str(tmp_path / "a.png"), "Describe.", "--max-tokens", "2",
+        "--json", "--no-memory-check",
+    )  # fmt: skip
+    assert code == 0, err
+    reply = json.loads(out)
+    assert reply["prompt_tokens"] > 13 * 256 and reply["completion_tokens"] >= 1
+    assert reply["model"].startswith("internvl-chat:2b")
+
+
+def test_list_and_show_name_the_native_twins(run_cli) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    code, out, _ = run_cli("list", "-n", "internvl3.5", "--json")
+    rows = json.loads(out)
+    assert code == 0 and rows[0]["native_hubs"]["huggingface"] == "OpenGVLab/InternVL3_5-1B-HF" and rows[0]["thinking"]
+    code, out, _ = run_cli("list", "-n", "internvl3")
+    assert "OpenGVLab/InternVL3-1B (native: OpenGVLab/InternVL3-1B-hf)" in out

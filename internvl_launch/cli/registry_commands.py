@@ -26,6 +26,8 @@ def spec_row(family: Family, spec: Spec) -> dict[str, Any]:
         "quantizations": list(spec.quantizations),
         "engines": {q: list(rule_for(spec.format, q).engines) for q in spec.quantizations},
         "hubs": dict(spec.hubs),
+        "native_hubs": dict(spec.native_hubs),
+        "thinking": spec.thinking,
         "repo_ids": {q: {hub: spec.repo_id(hub, q) for hub in spec.hubs} for q in spec.quantizations},
         "revision": spec.revision,
         "layout": spec.layout,
@@ -50,7 +52,9 @@ def _engines_cell(spec: Spec) -> str:
 
 def _hub_cell(spec: Spec) -> str:
     hub = next(iter(spec.hubs))
-    return spec.hubs[hub] if hub != "builtin" else "builtin (generated locally)"
+    cell = spec.hubs[hub] if hub != "builtin" else "builtin (generated locally)"
+    twin = spec.native_hubs.get(hub)  # type: ignore[call-overload]
+    return f"{cell} (native: {twin})" if twin else cell
 
 
 @click.command("list")
@@ -118,12 +122,18 @@ def show_command(model_name: str, as_json: bool, specs_dirs: tuple[str, ...]) ->
                 s.llm.name,
                 s.vision.name,
                 s.template,
-                s.hubs.get("huggingface", s.hubs.get("builtin", "-")),
-                s.hubs.get("modelscope", "-"),
+                _twinned(s, "huggingface") if "huggingface" in s.hubs else s.hubs.get("builtin", "-"),
+                _twinned(s, "modelscope") if "modelscope" in s.hubs else "-",
             )
             for s in family.specs
         ],
     )
+
+
+def _twinned(spec: Spec, hub: str) -> str:
+    repo = spec.hubs[hub]  # type: ignore[index]
+    twin = spec.native_hubs.get(hub)  # type: ignore[call-overload]
+    return f"{repo} (native: {twin})" if twin else repo
 
 
 @click.command("validate")
